@@ -1,0 +1,1 @@
+"""Private implementation of jdeq; import the public names from :mod:`jdeq`."""

@@ -1,0 +1,93 @@
+"""Anderson acceleration (type II) with a per-sample, always-solvable mixing problem."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jdeq._src.config import config, require, require_positive
+from jdeq._src.solvers.base import AbstractSolver
+
+
+class AndersonState(NamedTuple):
+  iterates: jax.Array   # (B, m, D) the last m iterates x_i
+  residuals: jax.Array  # (B, m, D) their residuals g_i = f(x_i) − x_i
+  gram: jax.Array       # (B, m, m) g_i · g_j, updated one row per step
+  count: jax.Array      # number of proposals made so far
+
+
+@config
+class Anderson(AbstractSolver):
+  """Anderson acceleration over the last ``m`` iterates.
+
+  Each step picks mixing weights ``α`` over the history by the regularized
+  least-squares problem
+
+    min_α ‖Σᵢ αᵢ gᵢ‖² + ridge · s · ‖α‖²   subject to   Σᵢ αᵢ = 1,
+
+  whose solution is ``α = w / Σw`` with ``(GGᵀ / s + ridge · I) w = 1``, and moves to
+  ``z ← Σᵢ αᵢ (xᵢ + β gᵢ)``. The scale ``s`` is the largest ``‖gᵢ‖²`` of the history,
+  so the ridge is relative and the system stays well conditioned at any residual
+  scale (the reference uses an absolute ridge, which is scale dependent and fails on
+  singular histories). If the weights are still not finite, the step falls back to
+  a plain fixed-point step for that sample: failure never becomes NaN.
+
+  Attributes:
+    m: history size.
+    ridge: relative Tikhonov regularization of the mixing problem.
+    beta: mixing parameter; 1 uses the map values ``f(xᵢ)`` only.
+  """
+  m: int = 5
+  ridge: float = 1e-4
+  beta: float = 1.0
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    require(isinstance(self.m, int) and self.m >= 1, self,
+            f"m must be an integer >= 1, got {self.m!r}")
+    require_positive(self, ridge=self.ridge, beta=self.beta)
+
+  def init(self, z: jax.Array, g: jax.Array) -> AndersonState:
+    batch, dim = z.shape
+    return AndersonState(
+        iterates=jnp.zeros((batch, self.m, dim), z.dtype),
+        residuals=jnp.zeros((batch, self.m, dim), z.dtype),
+        gram=jnp.zeros((batch, self.m, self.m), z.dtype),
+        count=jnp.asarray(0, jnp.int32))
+
+  def propose(self, state: AndersonState, z: jax.Array, g: jax.Array):
+    slot = state.count % self.m
+    iterates = state.iterates.at[:, slot].set(z)
+    residuals = state.residuals.at[:, slot].set(g)
+    new_row = jnp.einsum("bd,bjd->bj", g, residuals)
+    gram = state.gram.at[:, slot, :].set(new_row).at[:, :, slot].set(new_row)
+
+    valid = jnp.arange(self.m) < jnp.minimum(state.count + 1, self.m)
+    weights = _mixing_weights(gram, valid, self.ridge)
+    fallback = jax.nn.one_hot(slot, self.m, dtype=z.dtype)
+    usable = jnp.all(jnp.isfinite(weights), axis=1, keepdims=True)
+    weights = jnp.where(usable, weights, fallback[None, :])
+
+    proposal = (jnp.einsum("bi,bid->bd", weights, iterates)
+                + self.beta * jnp.einsum("bi,bid->bd", weights, residuals))
+    return proposal, AndersonState(iterates, residuals, gram, state.count + 1)
+
+
+def _mixing_weights(gram: jax.Array, valid: jax.Array, ridge: float) -> jax.Array:
+  """Solves the constrained least-squares mixing problem for each sample.
+
+  Invalid (not yet filled) history slots get an identity row and a zero right-hand
+  side, so their weight is exactly zero and every system has the static size m.
+  """
+  m = gram.shape[-1]
+  eye = jnp.eye(m, dtype=gram.dtype)
+  pair_valid = valid[:, None] & valid[None, :]
+  diagonal = jnp.where(valid, jnp.diagonal(gram, axis1=1, axis2=2), 0.0)
+  scale = jnp.max(diagonal, axis=1) + jnp.finfo(gram.dtype).tiny
+  system = gram / scale[:, None, None] + ridge * eye
+  system = jnp.where(pair_valid, system, eye)
+  rhs = jnp.broadcast_to(valid.astype(gram.dtype), gram.shape[:2])
+  w = jnp.linalg.solve(system, rhs[..., None])[..., 0]
+  return w / jnp.sum(w, axis=1, keepdims=True)

@@ -1,0 +1,152 @@
+"""The common driver of every fixed-point solver.
+
+A solver only says how to propose the next iterate from the current one and its
+residual (``init`` / ``propose``). The driver in :func:`iterate` owns everything that
+must be the same for all of them and is decided per sample:
+
+* the residual ``g(z) = f(z) − z`` is measured at every iterate, ``abs`` as
+  ``‖g‖₂`` or ``rel`` as ``‖g‖₂ / ‖f(z)‖₂``;
+* a sample whose residual reaches ``tol`` stops changing (its proposals are masked)
+  while the others go on; the loop ends when every sample has stopped or the
+  evaluation budget is spent;
+* a sample whose map value is non-finite, or whose residual exceeds
+  ``divergence_ratio`` times its best residual, is flagged ``diverged`` and stopped;
+* each sample returns the iterate with its lowest residual, not the last one.
+
+The loop is a ``lax.while_loop``: no host synchronisation per step, static shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jdeq._src import batched_tree
+from jdeq._src.config import require, require_choice, require_positive
+from jdeq._src.stats import SolverStats
+
+FlatMap = Callable[[jax.Array], jax.Array]
+STOP_MODES = ("abs", "rel")
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractSolver:
+  """Fields and validation shared by the fixed-point solvers.
+
+  Attributes:
+    max_iter: budget of map evaluations per solve (the first, at ``z0``, included).
+    tol: a sample has converged when its stop-mode residual is ``<= tol``.
+    stop_mode: ``"abs"`` for ``‖f(z) − z‖`` or ``"rel"`` for ``‖f(z) − z‖ / ‖f(z)‖``.
+    record_trace: keep the per-evaluation residuals in ``SolverStats.trace``.
+    divergence_ratio: a residual above this multiple of the sample's best one
+      flags the sample as diverged (the reference solvers' protective break).
+  """
+  max_iter: int = 50
+  tol: float = 1e-3
+  stop_mode: str = "rel"
+  record_trace: bool = dataclasses.field(default=False, kw_only=True)
+  divergence_ratio: float = dataclasses.field(default=1e4, kw_only=True)
+
+  def __post_init__(self) -> None:
+    require(isinstance(self.max_iter, int) and self.max_iter >= 1, self,
+            f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+    require(self.tol >= 0, self,
+            f"tol must be >= 0 (0 runs the whole budget), got {self.tol!r}")
+    require_choice(self, "stop_mode", self.stop_mode, STOP_MODES)
+    require_positive(self, divergence_ratio=self.divergence_ratio)
+    require(self.divergence_ratio > 1, self,
+            f"divergence_ratio must be > 1, got {self.divergence_ratio!r}")
+
+  def init(self, z: jax.Array, g: jax.Array) -> Any:
+    """Solver state after the first evaluation (``z``: ``(B, D)``, ``g = f(z) − z``)."""
+    raise NotImplementedError
+
+  def propose(self, state: Any, z: jax.Array, g: jax.Array) -> tuple[jax.Array, Any]:
+    """Next iterate for every sample, given the current one and its residual."""
+    raise NotImplementedError
+
+
+def _measure(z: jax.Array, fz: jax.Array, stop_mode: str):
+  g = fz - z
+  abs_res = batched_tree.per_sample_norm(g)
+  rel_res = abs_res / (batched_tree.per_sample_norm(fz) + jnp.finfo(z.dtype).tiny)
+  crit = abs_res if stop_mode == "abs" else rel_res
+  # NaN and inf compare false everywhere below; make them an explicit +inf.
+  crit = jnp.where(jnp.isfinite(crit) & jnp.all(jnp.isfinite(fz), axis=1), crit,
+                   jnp.inf)
+  return g, abs_res, rel_res, crit
+
+
+def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
+            budget: jax.Array | int | None = None) -> tuple[jax.Array, SolverStats]:
+  """Solves ``fn(z) = z`` per sample, for ``z0`` of shape ``(B, D)``.
+
+  Args:
+    solver: the solver configuration.
+    fn: the map, ``(B, D) -> (B, D)``, sample-wise independent.
+    z0: the initial iterate.
+    budget: optional, possibly traced, evaluation budget ``<= solver.max_iter``;
+      changes the stopping point without recompiling.
+
+  Returns:
+    The lowest-residual iterate of each sample and the per-sample statistics.
+  """
+  batch = z0.shape[0]
+  limit = solver.max_iter if budget is None else jnp.clip(
+      jnp.asarray(budget, jnp.int32), 1, solver.max_iter)
+  trace_len = solver.max_iter if solver.record_trace else 0
+
+  fz0 = fn(z0)
+  g0, abs0, rel0, crit0 = _measure(z0, fz0, solver.stop_mode)
+  converged0 = crit0 <= solver.tol
+  diverged0 = ~jnp.isfinite(crit0)
+  trace0 = jnp.zeros((batch, trace_len), z0.dtype)
+  if trace_len:
+    trace0 = trace0.at[:, 0].set(crit0)
+  carry0 = dict(
+      k=jnp.asarray(1, jnp.int32), z=z0, g=g0, state=solver.init(z0, g0),
+      best_z=z0, best_abs=abs0, best_rel=rel0, best_crit=crit0, last_crit=crit0,
+      done=converged0 | diverged0, diverged=diverged0,
+      nstep=jnp.ones((batch,), jnp.int32), trace=trace0)
+
+  def cond(c):
+    return (c["k"] < limit) & ~jnp.all(c["done"])
+
+  def body(c):
+    active = ~c["done"]
+    proposal, state = solver.propose(c["state"], c["z"], c["g"])
+    z = jnp.where(active[:, None], proposal, c["z"])
+    g, abs_res, rel_res, crit = _measure(z, fn(z), solver.stop_mode)
+    g = jnp.where(active[:, None], g, c["g"])
+    improved = active & (crit < c["best_crit"])
+    exploded = active & (crit > solver.divergence_ratio * c["best_crit"])
+    converged = active & (crit <= solver.tol)
+    last_crit = jnp.where(active, crit, c["last_crit"])
+    trace = c["trace"]
+    if trace_len:
+      trace = jax.lax.dynamic_update_slice(trace, last_crit[:, None], (0, c["k"]))
+    return dict(
+        k=c["k"] + 1, z=z, g=g, state=state,
+        best_z=jnp.where(improved[:, None], z, c["best_z"]),
+        best_abs=jnp.where(improved, abs_res, c["best_abs"]),
+        best_rel=jnp.where(improved, rel_res, c["best_rel"]),
+        best_crit=jnp.where(improved, crit, c["best_crit"]),
+        last_crit=last_crit,
+        done=c["done"] | converged | exploded,
+        diverged=c["diverged"] | exploded,
+        nstep=c["nstep"] + active.astype(jnp.int32),
+        trace=trace)
+
+  c = jax.lax.while_loop(cond, body, carry0)
+  trace = c["trace"]
+  if trace_len:
+    columns = jnp.arange(trace_len)[None, :]
+    trace = jnp.where(columns >= c["k"], c["last_crit"][:, None], trace)
+  converged = c["best_crit"] <= solver.tol
+  stats = SolverStats(
+      nstep=c["nstep"], abs_residual=c["best_abs"], rel_residual=c["best_rel"],
+      converged=converged, diverged=c["diverged"] & ~converged, trace=trace)
+  return c["best_z"], stats

@@ -1,0 +1,72 @@
+"""Limited-memory ("good") Broyden's method on g(z) = f(z) − z."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jdeq._src.batched_tree import per_sample_dot, per_sample_norm
+from jdeq._src.config import config, require
+from jdeq._src.solvers.base import AbstractSolver
+
+
+class BroydenState(NamedTuple):
+  us: jax.Array        # (B, memory, D)
+  vs: jax.Array        # (B, memory, D); H = −I + Σᵢ uᵢ vᵢᵀ
+  previous_z: jax.Array
+  previous_g: jax.Array
+  count: jax.Array
+
+
+@config
+class Broyden(AbstractSolver):
+  """Quasi-Newton root finding with a low-rank inverse-Jacobian estimate.
+
+  ``H ≈ (∂g/∂z)⁻¹`` starts at ``−I`` (so the first step is ``z₁ = f(z₀)``) and after
+  each step, with ``s = Δz`` and ``y = Δg``, takes the good-Broyden update
+
+    H ← H + (s − H y) (sᵀ H) / (sᵀ H y),
+
+  stored as the rank-one pairs ``(uᵢ, vᵢ)`` of ``H = −I + Σ uᵢ vᵢᵀ``; the step is
+  ``z ← z − H g``. The last ``memory`` pairs are kept (the oldest is overwritten).
+  An update whose denominator vanishes is skipped for that sample.
+
+  Attributes:
+    memory: number of rank-one pairs kept.
+  """
+  memory: int = 30
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    require(isinstance(self.memory, int) and self.memory >= 1, self,
+            f"memory must be an integer >= 1, got {self.memory!r}")
+
+  def init(self, z: jax.Array, g: jax.Array) -> BroydenState:
+    batch, dim = z.shape
+    zeros = jnp.zeros((batch, self.memory, dim), z.dtype)
+    return BroydenState(zeros, zeros, z, g, jnp.asarray(0, jnp.int32))
+
+  def propose(self, state: BroydenState, z: jax.Array, g: jax.Array):
+    s = z - state.previous_z
+    y = g - state.previous_g
+    h_y = _apply_inverse(state.us, state.vs, y)
+    s_h = _apply_inverse(state.vs, state.us, s)  # sᵀH, via the transposed factors
+    denominator = per_sample_dot(s, h_y)
+    size = per_sample_norm(s) * per_sample_norm(h_y)
+    usable = (jnp.abs(denominator) > 1e-6 * size) & (size > 0)
+    safe = jnp.where(usable, denominator, 1.0)
+    u = jnp.where(usable[:, None], (s - h_y) / safe[:, None], 0.0)
+    v = jnp.where(usable[:, None], s_h, 0.0)
+    # The first call has s = 0, so no pair is stored before a real step was taken.
+    slot = jnp.maximum(state.count - 1, 0) % self.memory
+    us = state.us.at[:, slot].set(jnp.where(state.count > 0, u, state.us[:, slot]))
+    vs = state.vs.at[:, slot].set(jnp.where(state.count > 0, v, state.vs[:, slot]))
+    proposal = z - _apply_inverse(us, vs, g)
+    return proposal, BroydenState(us, vs, z, g, state.count + 1)
+
+
+def _apply_inverse(us: jax.Array, vs: jax.Array, x: jax.Array) -> jax.Array:
+  """``(−I + Σᵢ uᵢ vᵢᵀ) x`` per sample."""
+  return -x + jnp.einsum("bid,bi->bd", us, jnp.einsum("bid,bd->bi", vs, x))
