@@ -53,8 +53,7 @@ class AbstractSolver:
   def __post_init__(self) -> None:
     require(isinstance(self.max_iter, int) and self.max_iter >= 1, self,
             f"max_iter must be an integer >= 1, got {self.max_iter!r}")
-    require(self.tol >= 0, self,
-            f"tol must be >= 0 (0 runs the whole budget), got {self.tol!r}")
+    require(self.tol > 0, self, f"tol must be > 0, got {self.tol!r}")
     require_choice(self, "stop_mode", self.stop_mode, STOP_MODES)
     require_positive(self, divergence_ratio=self.divergence_ratio)
     require(self.divergence_ratio > 1, self,
@@ -127,7 +126,7 @@ def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
     last_crit = jnp.where(active, crit, c["last_crit"])
     trace = c["trace"]
     if trace_len:
-      trace = jax.lax.dynamic_update_slice(trace, last_crit[:, None], (0, c["k"]))
+      trace = jax.lax.dynamic_update_slice(trace, last_crit[:, None], (jnp.zeros_like(c["k"]), c["k"]))
     return dict(
         k=c["k"] + 1, z=z, g=g, state=state,
         best_z=jnp.where(improved[:, None], z, c["best_z"]),

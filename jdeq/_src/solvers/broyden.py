@@ -30,7 +30,8 @@ class Broyden(AbstractSolver):
     H ← H + (s − H y) (sᵀ H) / (sᵀ H y),
 
   stored as the rank-one pairs ``(uᵢ, vᵢ)`` of ``H = −I + Σ uᵢ vᵢᵀ``; the step is
-  ``z ← z − H g``. The last ``memory`` pairs are kept (the oldest is overwritten).
+  ``z ← z − H g``. At most ``memory`` pairs are kept; when full, ``H`` restarts from
+  ``−I``.
   An update whose denominator vanishes is skipped for that sample.
 
   Attributes:
@@ -59,10 +60,13 @@ class Broyden(AbstractSolver):
     safe = jnp.where(usable, denominator, 1.0)
     u = jnp.where(usable[:, None], (s - h_y) / safe[:, None], 0.0)
     v = jnp.where(usable[:, None], s_h, 0.0)
-    # The first call has s = 0, so no pair is stored before a real step was taken.
+    # The first call has s = 0 and stores nothing. When the memory is full the
+    # estimate restarts from −I: dropping only the oldest pair would leave the others
+    # inconsistent (each was computed through its predecessors) and can diverge.
     slot = jnp.maximum(state.count - 1, 0) % self.memory
-    us = state.us.at[:, slot].set(jnp.where(state.count > 0, u, state.us[:, slot]))
-    vs = state.vs.at[:, slot].set(jnp.where(state.count > 0, v, state.vs[:, slot]))
+    restart = (slot == 0) & (state.count > 1)
+    us = jnp.where(restart, 0.0, state.us).at[:, slot].set(u)
+    vs = jnp.where(restart, 0.0, state.vs).at[:, slot].set(v)
     proposal = z - _apply_inverse(us, vs, g)
     return proposal, BroydenState(us, vs, z, g, state.count + 1)
 

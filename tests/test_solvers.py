@@ -1,0 +1,164 @@
+"""Forward solvers: convergence, per-sample decisions, failure reporting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdeq
+from tests import helpers
+
+SOLVERS = [
+    jdeq.FixedPointIteration(max_iter=300, tol=1e-10),
+    jdeq.Anderson(max_iter=300, tol=1e-10, m=6),
+    jdeq.Broyden(max_iter=300, tol=1e-10, memory=20),
+]
+IDS = ["fixed_point_iteration", "anderson", "broyden"]
+
+
+def _solve(solver, f, params, x, z0=None, **kwargs):
+  z0 = jnp.zeros_like(x) if z0 is None else z0
+  return jax.jit(lambda p, x: jdeq.fixed_point(f, z0, p, x, solver=solver, **kwargs))(
+      params, x)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_converges_to_a_fixed_point(x64, solver):
+  f, params, x = helpers.tanh_problem(jax.random.PRNGKey(0))
+  z, stats = _solve(solver, f, params, x)
+  assert np.all(stats.converged) and not np.any(stats.diverged)
+  assert np.all(stats.rel_residual <= 1e-10)
+  np.testing.assert_allclose(f(z, params, x), z, atol=1e-9)
+  assert stats.nstep.shape == (8,) and stats.nstep.dtype == jnp.int32
+
+
+def test_acceleration_beats_plain_iteration(x64):
+  """On a linear map with spectral radius 0.95 plain iteration needs ~450 steps."""
+  a = jax.random.normal(jax.random.PRNGKey(1), (32, 32), jnp.float64)
+  a = 0.95 * a / jnp.max(jnp.abs(jnp.linalg.eigvals(a)))
+  b = jax.random.normal(jax.random.PRNGKey(2), (4, 32), jnp.float64)
+  linear = lambda z, a, b: z @ a.T + b
+  steps = {}
+  for name, solver in zip(IDS, SOLVERS):
+    solver = type(solver)(**{**solver.__dict__, "max_iter": 1000})
+    _, stats = _solve(solver, linear, a, b)
+    assert np.all(stats.converged)
+    steps[name] = float(np.mean(stats.nstep))
+  assert steps["fixed_point_iteration"] > 300
+  assert steps["anderson"] < steps["fixed_point_iteration"] / 3
+  assert steps["broyden"] < steps["fixed_point_iteration"] / 3
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_easy_samples_unaffected_by_a_slow_one(x64, solver):
+  """Per-sample stopping: an easy sample gets the same result in any company."""
+  a = jax.random.normal(jax.random.PRNGKey(2), (16, 16), jnp.float64)
+  a = 0.5 * a / jnp.linalg.norm(a, ord=2)
+  b = jax.random.normal(jax.random.PRNGKey(3), (4, 16), jnp.float64)
+  gain = jnp.array([1.0, 1.0, 1.0, 1.99])[:, None]  # sample 3: contraction ~0.995
+
+  def slow_f(z, gain, b):
+    return jnp.tanh(gain * (z @ a.T) + b)
+
+  z_all, s_all = _solve(solver, slow_f, gain, b)
+  assert np.all(s_all.converged)
+  assert s_all.nstep[3] > s_all.nstep[:3].max()
+  for i in range(3):
+    z_one, s_one = _solve(solver, slow_f, gain[i:i + 1], b[i:i + 1])
+    assert int(s_one.nstep[0]) == int(s_all.nstep[i])
+    np.testing.assert_allclose(z_one[0], z_all[i], rtol=1e-12, atol=1e-12)
+
+
+def test_pytree_state(x64):
+  f, params, x, z0 = helpers.two_resolution_problem(jax.random.PRNGKey(3))
+  z, stats = jdeq.fixed_point(f, z0, params, x, solver=jdeq.Anderson(100, 1e-10))
+  assert [a.shape for a in z] == [(4, 8, 2), (4, 4, 3)]
+  assert np.all(stats.converged)
+  for a, b in zip(f(z, params, x), z):
+    np.testing.assert_allclose(a, b, atol=1e-9)
+
+
+def test_jit_vmap_and_loop_is_a_while_loop():
+  f, params, x = helpers.tanh_problem(jax.random.PRNGKey(4), dtype=jnp.float32)
+  run = lambda x: jdeq.fixed_point(f, jnp.zeros_like(x), params, x,
+                                   solver=jdeq.Anderson(40, 1e-5))
+  jaxpr = str(jax.make_jaxpr(run)(x))
+  assert "while[" in jaxpr
+  # 40 unrolled iterations would put dozens of tanh in the top-level program.
+  assert jaxpr.count("tanh") < 5
+  stacked = jnp.stack([x, 2 * x])
+  z_v, stats_v = jax.jit(jax.vmap(run))(stacked)
+  z_0, _ = jax.jit(run)(x)
+  assert z_v.shape == (2,) + x.shape and stats_v.nstep.shape == (2, x.shape[0])
+  np.testing.assert_allclose(z_v[0], z_0, atol=1e-5)
+
+
+def test_anderson_survives_a_singular_history(x64):
+  """Collinear and vanishing residuals make the unregularized system singular."""
+  direction = jnp.ones((3, 5))
+
+  def collinear(z, c):  # every residual is a multiple of `direction`
+    return 0.5 * z + c * direction
+
+  z, stats = jdeq.fixed_point(collinear, jnp.zeros((3, 5)), jnp.float64(1.0),
+                              solver=jdeq.Anderson(50, 1e-12, ridge=1e-12))
+  assert np.all(np.isfinite(z)) and np.all(stats.converged)
+  identity = lambda z, c: z * c  # g = 0 from the start: Gram matrix all zero
+  z, stats = jdeq.fixed_point(identity, jnp.ones((3, 5)), jnp.float64(1.0),
+                              solver=jdeq.Anderson(10, 1e-12))
+  assert np.all(np.isfinite(z)) and np.all(stats.converged)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_map_without_fixed_point_never_converges(solver):
+  no_root = lambda z, a: z + z * z + a  # g(z) = z² + 1 > 0
+  z, stats = jdeq.fixed_point(no_root, jnp.zeros((4, 3)), jnp.float32(1.0),
+                              solver=solver)
+  assert not np.any(stats.converged)
+  assert np.all(np.isfinite(z))
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_exploding_iterates_are_flagged_diverged(solver):
+  exploding = lambda z, a: z + a * jnp.exp(z * z)
+  z0 = jnp.array([[1 / 3], [1.0]]) * jnp.ones((2, 3))
+  z, stats = jdeq.fixed_point(exploding, z0, jnp.float32(1.0), solver=solver)
+  assert np.all(stats.diverged) and not np.any(stats.converged)
+  assert np.all(np.isfinite(z))
+  assert np.all(stats.nstep < solver.max_iter)  # stopped early, budget not wasted
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_nan_producing_sample_returns_its_best_finite_iterate(solver):
+  x = jnp.array([[0.5], [-4.0]])
+  f = lambda z, x: jnp.sqrt(x + 0.5 * z)  # sample 1: sqrt of a negative number
+  z, stats = jdeq.fixed_point(f, jnp.zeros((2, 1)), x, solver=solver)
+  assert bool(stats.converged[0]) and not bool(stats.diverged[0])
+  assert bool(stats.diverged[1]) and not bool(stats.converged[1])
+  assert np.all(np.isfinite(z))
+
+
+def test_budget_is_dynamic_and_traces_are_recorded():
+  f, params, x = helpers.tanh_problem(jax.random.PRNGKey(5), dtype=jnp.float32)
+  solver = jdeq.FixedPointIteration(60, 1e-7, record_trace=True)
+  run = jax.jit(lambda budget: jdeq.fixed_point(
+      f, jnp.zeros_like(x), params, x, solver=solver, budget=budget))
+  _, short = run(jnp.int32(5))
+  _, full = run(jnp.int32(60))
+  assert np.all(short.nstep == 5) and not np.any(short.converged)
+  assert np.all(full.nstep > 5)
+  assert full.trace.shape == (8, 60)
+  nstep = np.asarray(full.nstep)
+  for i in range(8):  # decreasing overall, constant after the sample stopped
+    assert full.trace[i, nstep[i] - 1] < full.trace[i, 0]
+    assert np.all(full.trace[i, nstep[i]:] == full.trace[i, nstep[i] - 1])
+
+
+def test_stop_modes_measure_different_residuals(x64):
+  f, params, x = helpers.tanh_problem(jax.random.PRNGKey(6))
+  _, by_abs = _solve(jdeq.FixedPointIteration(500, 1e-6, "abs"), f, params, x)
+  _, by_rel = _solve(jdeq.FixedPointIteration(500, 1e-6, "rel"), f, params, x)
+  assert np.all(by_abs.abs_residual <= 1e-6)
+  assert np.all(by_rel.rel_residual <= 1e-6)
+  np.testing.assert_allclose(
+      by_rel.rel_residual * 1.0, by_rel.rel_residual)  # finite
