@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 
 from jdeq._src.config import config, require, require_positive
+from jdeq._src.small_linalg import solve_spd
 from jdeq._src.solvers.base import AbstractSolver
 
 
 class AndersonState(NamedTuple):
-  iterates: jax.Array   # (B, m, D) the last m iterates x_i
+  values: jax.Array     # (B, m, D) the map values f(x_i) of the last m iterates
   residuals: jax.Array  # (B, m, D) their residuals g_i = f(x_i) − x_i
   gram: jax.Array       # (B, m, m) g_i · g_j, updated one row per step
   count: jax.Array      # number of proposals made so far
@@ -28,7 +29,7 @@ class Anderson(AbstractSolver):
     min_α ‖Σᵢ αᵢ gᵢ‖² + ridge · s · ‖α‖²   subject to   Σᵢ αᵢ = 1,
 
   whose solution is ``α = w / Σw`` with ``(GGᵀ / s + ridge · I) w = 1``, and moves to
-  ``z ← Σᵢ αᵢ (xᵢ + β gᵢ)``. The scale ``s`` is the largest ``‖gᵢ‖²`` of the history,
+  ``z ← Σᵢ αᵢ (xᵢ + β gᵢ) = Σᵢ αᵢ (f(xᵢ) − (1 − β) gᵢ)``. The scale ``s`` is the largest ``‖gᵢ‖²`` of the history,
   so the ridge is relative and the system stays well conditioned at any residual
   scale (the reference uses an absolute ridge, which is scale dependent and fails on
   singular histories). If the weights are still not finite, the step falls back to
@@ -52,14 +53,14 @@ class Anderson(AbstractSolver):
   def init(self, z: jax.Array, g: jax.Array) -> AndersonState:
     batch, dim = z.shape
     return AndersonState(
-        iterates=jnp.zeros((batch, self.m, dim), z.dtype),
+        values=jnp.zeros((batch, self.m, dim), z.dtype),
         residuals=jnp.zeros((batch, self.m, dim), z.dtype),
         gram=jnp.zeros((batch, self.m, self.m), z.dtype),
         count=jnp.asarray(0, jnp.int32))
 
   def propose(self, state: AndersonState, z: jax.Array, g: jax.Array):
     slot = state.count % self.m
-    iterates = state.iterates.at[:, slot].set(z)
+    values = state.values.at[:, slot].set(z + g)
     residuals = state.residuals.at[:, slot].set(g)
     new_row = jnp.einsum("bd,bjd->bj", g, residuals)
     gram = state.gram.at[:, slot, :].set(new_row).at[:, :, slot].set(new_row)
@@ -70,9 +71,10 @@ class Anderson(AbstractSolver):
     usable = jnp.all(jnp.isfinite(weights), axis=1, keepdims=True)
     weights = jnp.where(usable, weights, fallback[None, :])
 
-    proposal = (jnp.einsum("bi,bid->bd", weights, iterates)
-                + self.beta * jnp.einsum("bi,bid->bd", weights, residuals))
-    return proposal, AndersonState(iterates, residuals, gram, state.count + 1)
+    proposal = jnp.einsum("bi,bid->bd", weights, values)
+    if self.beta != 1.0:  # static: the default β = 1 needs one contraction, not two
+      proposal -= (1.0 - self.beta) * jnp.einsum("bi,bid->bd", weights, residuals)
+    return proposal, AndersonState(values, residuals, gram, state.count + 1)
 
 
 def _mixing_weights(gram: jax.Array, valid: jax.Array, ridge: float) -> jax.Array:
@@ -89,5 +91,5 @@ def _mixing_weights(gram: jax.Array, valid: jax.Array, ridge: float) -> jax.Arra
   system = gram / scale[:, None, None] + ridge * eye
   system = jnp.where(pair_valid, system, eye)
   rhs = jnp.broadcast_to(valid.astype(gram.dtype), gram.shape[:2])
-  w = jnp.linalg.solve(system, rhs[..., None])[..., 0]
+  w = solve_spd(system, rhs)
   return w / jnp.sum(w, axis=1, keepdims=True)

@@ -14,7 +14,8 @@ from jdeq._src.solvers.base import AbstractSolver
 
 class BroydenState(NamedTuple):
   us: jax.Array        # (B, memory, D)
-  vs: jax.Array        # (B, memory, D); H = −I + Σᵢ uᵢ vᵢᵀ
+  vs: jax.Array        # (B, memory, D); H = −I + Σᵢ live ᵢ uᵢ vᵢᵀ
+  live: jax.Array      # (memory,) 1 for the pairs of the current estimate, else 0
   previous_z: jax.Array
   previous_g: jax.Array
   count: jax.Array
@@ -47,13 +48,14 @@ class Broyden(AbstractSolver):
   def init(self, z: jax.Array, g: jax.Array) -> BroydenState:
     batch, dim = z.shape
     zeros = jnp.zeros((batch, self.memory, dim), z.dtype)
-    return BroydenState(zeros, zeros, z, g, jnp.asarray(0, jnp.int32))
+    live = jnp.zeros((self.memory,), z.dtype)
+    return BroydenState(zeros, zeros, live, z, g, jnp.asarray(0, jnp.int32))
 
   def propose(self, state: BroydenState, z: jax.Array, g: jax.Array):
     s = z - state.previous_z
     y = g - state.previous_g
-    h_y = _apply_inverse(state.us, state.vs, y)
-    s_h = _apply_inverse(state.vs, state.us, s)  # sᵀH, via the transposed factors
+    h_y = _apply_inverse(state.us, state.vs, state.live, y)
+    s_h = _apply_inverse(state.vs, state.us, state.live, s)  # sᵀH, transposed factors
     denominator = per_sample_dot(s, h_y)
     size = per_sample_norm(s) * per_sample_norm(h_y)
     usable = (jnp.abs(denominator) > 1e-6 * size) & (size > 0)
@@ -63,14 +65,18 @@ class Broyden(AbstractSolver):
     # The first call has s = 0 and stores nothing. When the memory is full the
     # estimate restarts from −I: dropping only the oldest pair would leave the others
     # inconsistent (each was computed through its predecessors) and can diverge.
+    # Pairs are retired through the `live` mask so the buffers update in place.
     slot = jnp.maximum(state.count - 1, 0) % self.memory
     restart = (slot == 0) & (state.count > 1)
-    us = jnp.where(restart, 0.0, state.us).at[:, slot].set(u)
-    vs = jnp.where(restart, 0.0, state.vs).at[:, slot].set(v)
-    proposal = z - _apply_inverse(us, vs, g)
-    return proposal, BroydenState(us, vs, z, g, state.count + 1)
+    live = jnp.where(restart, jnp.zeros_like(state.live), state.live).at[slot].set(1.0)
+    us = state.us.at[:, slot].set(u)
+    vs = state.vs.at[:, slot].set(v)
+    proposal = z - _apply_inverse(us, vs, live, g)
+    return proposal, BroydenState(us, vs, live, z, g, state.count + 1)
 
 
-def _apply_inverse(us: jax.Array, vs: jax.Array, x: jax.Array) -> jax.Array:
-  """``(−I + Σᵢ uᵢ vᵢᵀ) x`` per sample."""
-  return -x + jnp.einsum("bid,bi->bd", us, jnp.einsum("bid,bd->bi", vs, x))
+def _apply_inverse(us: jax.Array, vs: jax.Array, live: jax.Array,
+                   x: jax.Array) -> jax.Array:
+  """``(−I + Σᵢ liveᵢ uᵢ vᵢᵀ) x`` per sample."""
+  coefficients = jnp.einsum("bid,bd->bi", vs, x) * live
+  return -x + jnp.einsum("bid,bi->bd", us, coefficients)
