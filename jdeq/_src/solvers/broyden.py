@@ -18,6 +18,7 @@ class BroydenState(NamedTuple):
   live: jax.Array      # (memory,) 1 for the pairs of the current estimate, else 0
   previous_z: jax.Array
   previous_g: jax.Array
+  previous_hg: jax.Array  # H g at the previous iterate, with the H that stepped from it
   count: jax.Array
 
 
@@ -49,12 +50,14 @@ class Broyden(AbstractSolver):
     batch, dim = z.shape
     zeros = jnp.zeros((batch, self.memory, dim), z.dtype)
     live = jnp.zeros((self.memory,), z.dtype)
-    return BroydenState(zeros, zeros, live, z, g, jnp.asarray(0, jnp.int32))
+    return BroydenState(zeros, zeros, live, z, g, -g, jnp.asarray(0, jnp.int32))
 
   def propose(self, state: BroydenState, z: jax.Array, g: jax.Array):
+    # Two low-rank products per step instead of three: H y = H g − H g_prev reuses
+    # the previous step's H g_prev, and the updated H' g = H g + u (vᵀ g).
     s = z - state.previous_z
-    y = g - state.previous_g
-    h_y = _apply_inverse(state.us, state.vs, state.live, y)
+    h_g = _apply_inverse(state.us, state.vs, state.live, g)
+    h_y = h_g - state.previous_hg
     s_h = _apply_inverse(state.vs, state.us, state.live, s)  # sᵀH, transposed factors
     denominator = per_sample_dot(s, h_y)
     size = per_sample_norm(s) * per_sample_norm(h_y)
@@ -71,8 +74,10 @@ class Broyden(AbstractSolver):
     live = jnp.where(restart, jnp.zeros_like(state.live), state.live).at[slot].set(1.0)
     us = state.us.at[:, slot].set(u)
     vs = state.vs.at[:, slot].set(v)
-    proposal = z - _apply_inverse(us, vs, live, g)
-    return proposal, BroydenState(us, vs, live, z, g, state.count + 1)
+    new_h_g = (jnp.where(restart, -g, h_g)
+               + u * per_sample_dot(v, g)[:, None])
+    proposal = z - new_h_g
+    return proposal, BroydenState(us, vs, live, z, g, new_h_g, state.count + 1)
 
 
 def _apply_inverse(us: jax.Array, vs: jax.Array, live: jax.Array,
