@@ -1,0 +1,51 @@
+"""jdeq.ops.conv2d equals lax's convolution in value, VJP and JVP (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdeq.ops import conv2d
+
+
+def _lax(x, w, strides, padding):
+  return jax.lax.conv_general_dilated(x, w, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", [
+    ((4, 9, 9, 5), (3, 3, 5, 7), (1, 1), "SAME"),
+    ((4, 9, 8, 5), (3, 3, 5, 7), (2, 2), "SAME"),
+    ((4, 8, 8, 5), (1, 1, 5, 7), (1, 1), "SAME"),
+    ((3, 7, 7, 2), (3, 3, 2, 4), (1, 1), "VALID"),
+    ((2, 6, 6, 3), (3, 3, 3, 2), (2, 1), ((1, 0), (2, 1))),
+])
+def test_matches_lax_convolution(x64, x_shape, w_shape, strides, padding):
+  kx, kw, kt = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, x_shape, jnp.float64)
+  w = jax.random.normal(kw, w_shape, jnp.float64)
+  ours = lambda x, w: conv2d(x, w, strides, padding)
+  theirs = lambda x, w: _lax(x, w, strides, padding)
+  np.testing.assert_allclose(ours(x, w), theirs(x, w), atol=1e-12)
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(theirs), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, atol=1e-11)
+  tangents = (jax.random.normal(kt, x_shape, jnp.float64), 0.5 * w)
+  np.testing.assert_allclose(jax.jvp(ours, (x, w), tangents)[1],
+                             jax.jvp(theirs, (x, w), tangents)[1], atol=1e-11)
+
+
+def test_linearizing_in_the_input_only_skips_the_patches():
+  x = jnp.ones((2, 8, 8, 3))
+  w = jnp.ones((3, 3, 3, 4))
+  jaxpr = str(jax.make_jaxpr(lambda x: jax.linearize(lambda v: conv2d(v, w), x)[1](x))(x))
+  assert "concatenate" not in jaxpr  # no im2col when the weights are not differentiated
+
+
+def test_bad_shapes_are_named():
+  with pytest.raises(ValueError, match="channels"):
+    conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 2, 4)))
+  with pytest.raises(ValueError, match="NHWC"):
+    conv2d(jnp.ones((4, 4, 3)), jnp.ones((3, 3, 3, 4)))
+  with pytest.raises(ValueError, match="padding"):
+    conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 4)), padding="FULL")
