@@ -49,3 +49,21 @@ def test_bad_shapes_are_named():
     conv2d(jnp.ones((4, 4, 3)), jnp.ones((3, 3, 3, 4)))
   with pytest.raises(ValueError, match="padding"):
     conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 4)), padding="FULL")
+
+
+def test_drop_in_for_flax_conv(x64):
+  from flax import nnx
+  from jdeq.ops import conv_general_dilated
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 3), jnp.float64)
+  for strides in (1, 2):
+    plain = nnx.Conv(3, 5, (3, 3), strides=strides, rngs=nnx.Rngs(0),
+                     param_dtype=jnp.float64)
+    fast = nnx.Conv(3, 5, (3, 3), strides=strides, rngs=nnx.Rngs(0),
+                    param_dtype=jnp.float64, conv_general_dilated=conv_general_dilated)
+    np.testing.assert_allclose(fast(x), plain(x), atol=1e-12)
+    grad = lambda m: nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(m).kernel[...]
+    np.testing.assert_allclose(grad(fast), grad(plain), atol=1e-11)
+  # dilation falls through to lax
+  dilated = nnx.Conv(3, 5, (3, 3), kernel_dilation=2, rngs=nnx.Rngs(0),
+                     param_dtype=jnp.float64, conv_general_dilated=conv_general_dilated)
+  assert dilated(x).shape == (2, 6, 6, 5)

@@ -108,3 +108,40 @@ def _conv_jvp(strides, pads, primals, tangents):
 
 _conv = jax.custom_jvp(_conv.fun, nondiff_argnums=(0, 1))
 _conv.defjvp(_conv_jvp, symbolic_zeros=True)
+
+
+_NHWC_HWIO = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, precision=None, **kwargs):
+  """Drop-in for ``lax.conv_general_dilated`` (e.g. ``nnx.Conv(conv_general_dilated=...)``).
+
+  Plain 2-D NHWC/HWIO convolutions (no dilation, one feature group) take
+  :func:`conv2d`; everything else falls through to ``lax.conv_general_dilated``.
+  """
+  plain = (
+      getattr(lhs, "ndim", 0) == 4
+      and all(d == 1 for d in (lhs_dilation or (1, 1)))
+      and all(d == 1 for d in (rhs_dilation or (1, 1)))
+      and feature_group_count == 1
+      and precision is None
+      and kwargs.get("preferred_element_type") is None
+      and kwargs.get("out_sharding") is None
+      and _is_nhwc_hwio(dimension_numbers, lhs.ndim))
+  if plain:
+    return conv2d(lhs, rhs, window_strides, padding)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+      dimension_numbers, feature_group_count, precision=precision, **kwargs)
+
+
+def _is_nhwc_hwio(dimension_numbers, ndim) -> bool:
+  if dimension_numbers is None:
+    return False
+  if isinstance(dimension_numbers, tuple) and all(isinstance(d, str)
+                                                  for d in dimension_numbers):
+    return tuple(dimension_numbers) == _DIMENSIONS
+  numbers = jax.lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dimension_numbers)
+  return tuple(map(tuple, numbers)) == tuple(map(tuple, _NHWC_HWIO))
