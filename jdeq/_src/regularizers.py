@@ -52,10 +52,12 @@ def spectral_radius(f: Callable[..., PyTree], z_star: PyTree, *args: PyTree,
                     key: jax.Array, iters: int = 100) -> jax.Array:
   """Power-iteration estimate of the spectral radius of ``J_f(z*)`` per sample.
 
-  ``v ← Jv / ‖Jv‖``; since ``‖Jᵏ v‖^{1/k} → ρ(J)`` also when the dominant
-  eigenvalues are a complex pair (where ``‖J v‖`` alone oscillates), the estimate is
-  the geometric mean of the growth factors ``‖J vₛ‖`` over the second half of the
-  iterations. Not differentiated.
+  Iterates ``v ← Jᵀv / ‖Jᵀv‖`` with vector-Jacobian products (``Jᵀ`` has the
+  spectrum of ``J``, and reverse-mode products are the ones every DEQ model makes
+  fast). Since ``‖(Jᵀ)ᵏ v‖^{1/k} → ρ(J)`` also when the dominant eigenvalues are a
+  complex pair (where one growth factor alone oscillates), the estimate is the
+  geometric mean of the growth factors over the second half of the iterations.
+  Not differentiated.
 
   Returns:
     Array ``(B,)``.
@@ -64,11 +66,12 @@ def spectral_radius(f: Callable[..., PyTree], z_star: PyTree, *args: PyTree,
     raise ValueError(f"iters must be an integer >= 2, got {iters!r}")
   z_star, args = jax.lax.stop_gradient((z_star, args))
   layout = batched_tree.layout_of(z_star, "z_star")
-  _, jvp = jax.linearize(lambda z: f(z, *args), z_star)
+  _, vjp = jax.vjp(lambda z: f(z, *args), z_star)
   tiny = jnp.finfo(layout.dtype).tiny
 
   def step(v, _):
-    w = batched_tree.flatten(jvp(batched_tree.unflatten(v, layout)), layout)
+    (w,) = vjp(batched_tree.unflatten(v, layout))
+    w = batched_tree.flatten(w, layout)
     growth = batched_tree.per_sample_norm(w)
     return w / (growth[:, None] + tiny), jnp.log(growth + tiny)
 

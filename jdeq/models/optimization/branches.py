@@ -1,0 +1,142 @@
+r"""The per-branch terms of the hidden objectives and their coupling.
+
+Linear kernel (OptEq, the MOptEqs branches), for one branch with state ``z``:
+
+  G_s(z) = ½‖z‖² − ½‖Wz‖² − ⟨Ux + b, z⟩,
+  ∇G_s(z) = z − WᵀWz − (Ux + b),   T(z) = ReLU(WᵀWz + Ux + b).
+
+Gaussian kernel (GEQ), with ``d_p(z) = ‖x_p − (W_h z)_p‖²`` at each spatial position
+``p`` and a kernel width ``γ > 0`` held fixed during a solve:
+
+  G_s(z) = ½‖z‖² − ½‖Wz‖² − ⟨b, z⟩ + (1/2γ) Σ_p (1 − exp(−γ d_p(z))),
+  ∇G_s(z) = z − WᵀWz − b − W_hᵀ[w ⊙ (x − W_h z)],   w_p = exp(−γ d_p(z)),
+
+which tends to the linear-kernel branch with ``U = W_hᵀ`` (plus the convex
+reconstruction term ``½‖x − W_h z‖²``) as ``γ → 0``.
+
+Coupling of neighbouring branches (MOptEqs), ``D_i`` = 2×2 average pooling followed by
+a channel map ``P_i``:
+
+  C(z) = (λ/2) Σ_i ‖z_{i+1} − D_i z_i‖²,
+  ∂C/∂z_i ∋ −λ D_iᵀ(z_{i+1} − D_i z_i),   ∂C/∂z_{i+1} ∋ λ (z_{i+1} − D_i z_i),
+
+so the down-sampling map ``D_i`` carries a branch to the next coarser one and its
+adjoint ``D_iᵀ`` (nearest upsampling) carries information back. See
+``docs/optimization_cells.md`` for the derivation and the convexity conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jdeq.models.optimization import operators as ops_lib
+from jdeq.models.optimization.objective import Objective, per_sample_inner, per_sample_sum
+
+Operators = Mapping[str, Any]
+
+
+def _quadratic_part(z: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(½‖z‖² − ½‖Wz‖², z − WᵀWz)`` per sample, shared by both kernels."""
+  wz = ops_lib.circular_conv(z, w)
+  value = 0.5 * per_sample_inner(z, z) - 0.5 * per_sample_inner(wz, wz)
+  return value, z - ops_lib.circular_conv_transpose(wz, w)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearKernelBranch:
+  """OptEq's branch: operators ``{"w": W's kernel, "injection": Ux + b}``."""
+
+  def value(self, z: jax.Array, operators: Operators) -> jax.Array:
+    quadratic, _ = _quadratic_part(z, operators["w"])
+    return quadratic - per_sample_inner(operators["injection"], z)
+
+  def gradient(self, z: jax.Array, operators: Operators) -> jax.Array:
+    _, gradient = _quadratic_part(z, operators["w"])
+    return gradient - operators["injection"]
+
+
+def _per_position(values: jax.Array) -> jax.Array:
+  """Broadcasts a per-sample ``(B,)`` array against NHWC maps."""
+  return values[:, None, None, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianKernelBranch:
+  """GEQ's branch: operators ``{"w", "w_h", "x", "bias", "gamma"}``.
+
+  ``w_h`` maps the state (``C`` channels) to the input space (``C_x`` channels),
+  ``x`` is the branch input ``(B, H, W, C_x)``, ``gamma`` the per-sample width ``(B,)``.
+  """
+
+  def distances(self, z: jax.Array, operators: Operators) -> jax.Array:
+    """``d_p = ‖x_p − (W_h z)_p‖²``, shape ``(B, H, W, 1)``."""
+    residual = operators["x"] - ops_lib.circular_conv(z, operators["w_h"])
+    return jnp.sum(jnp.square(residual), axis=-1, keepdims=True)
+
+  def value(self, z: jax.Array, operators: Operators) -> jax.Array:
+    quadratic, _ = _quadratic_part(z, operators["w"])
+    gamma = _per_position(operators["gamma"])
+    # (1 − e^{−γd}) / 2γ, computed with expm1 so the γ → 0 limit keeps its digits.
+    kernel = -jnp.expm1(-gamma * self.distances(z, operators)) / (2 * gamma)
+    return (quadratic - per_sample_inner(jnp.broadcast_to(operators["bias"], z.shape), z)
+            + per_sample_sum(kernel))
+
+  def gradient(self, z: jax.Array, operators: Operators) -> jax.Array:
+    _, gradient = _quadratic_part(z, operators["w"])
+    w_h = operators["w_h"]
+    residual = operators["x"] - ops_lib.circular_conv(z, w_h)
+    distances = jnp.sum(jnp.square(residual), axis=-1, keepdims=True)
+    weights = jnp.exp(-_per_position(operators["gamma"]) * distances)
+    return (gradient - operators["bias"]
+            - ops_lib.circular_conv_transpose(weights * residual, w_h))
+
+
+def down(z: jax.Array, matrix: jax.Array) -> jax.Array:
+  """``D z``: 2×2 average pooling, then the channel map ``P``."""
+  return ops_lib.avg_pool2(z) @ matrix.astype(z.dtype)
+
+
+def down_transpose(y: jax.Array, matrix: jax.Array) -> jax.Array:
+  """``Dᵀ y``: the channel map ``Pᵀ``, then nearest upsampling ×2 divided by 4."""
+  return ops_lib.avg_pool2_transpose(y @ matrix.T.astype(y.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiBranchObjective(Objective):
+  """``Σ_i G_s^{(i)}(z_i) + (λ/2) Σ_i ‖z_{i+1} − D_i z_i‖²`` over a tuple of branches.
+
+  Operators: ``{"branches": (per-branch operators, ...), "down": (P_0, ..., P_{n−2})}``.
+
+  Attributes:
+    branches: the per-branch terms (:class:`LinearKernelBranch`,
+      :class:`GaussianKernelBranch`), finest resolution first.
+    coupling: ``λ ≥ 0``.
+  """
+  branches: tuple
+  coupling: float = 0.0
+
+  def _coupling_residuals(self, z, operators):
+    return [z[i + 1] - down(z[i], operators["down"][i])
+            for i in range(len(self.branches) - 1)]
+
+  def smooth_value(self, z, operators):
+    value = sum(branch.value(zi, ops) for branch, zi, ops
+                in zip(self.branches, z, operators["branches"]))
+    if self.coupling:
+      value = value + 0.5 * self.coupling * sum(
+          per_sample_inner(r, r) for r in self._coupling_residuals(z, operators))
+    return value
+
+  def smooth_gradient(self, z, operators):
+    gradient = [branch.gradient(zi, ops) for branch, zi, ops
+                in zip(self.branches, z, operators["branches"])]
+    if self.coupling:
+      for i, residual in enumerate(self._coupling_residuals(z, operators)):
+        gradient[i] = gradient[i] - self.coupling * down_transpose(
+            residual, operators["down"][i])
+        gradient[i + 1] = gradient[i + 1] + self.coupling * residual
+    return tuple(gradient)

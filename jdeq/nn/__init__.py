@@ -1,0 +1,26 @@
+"""Flax NNX layers for equilibrium models.
+
+* :class:`DEQ` — the equilibrium layer around an :class:`EquilibriumCell`, with its
+  auxiliary outputs :class:`DEQAux`;
+* :class:`WeightNorm`, :class:`SpectralNorm` — reparameterizations of any
+  Linear/Conv kernel, computed once per forward pass;
+* :func:`variational_dropout_mask` — per-sample, per-channel locked dropout;
+* multi-resolution utilities shared by multiscale models (:class:`MultiscaleFusion`,
+  :class:`UpsampleFusion`, :class:`DownsampleFusion`, :func:`group_norm`, …).
+"""
+
+from jdeq.nn.deq import DEQ, DEQAux, EquilibriumCell
+from jdeq.nn.dropout import variational_dropout_mask
+from jdeq.nn.multiscale import (NORM_EPSILON, DownsampleFusion, MultiscaleFusion,
+                                UpsampleFusion, bilinear_resize, group_norm,
+                                nearest_upsample)
+from jdeq.nn.normalization import (SpectralNorm, SpectralVector, WeightNorm,
+                                   apply_layer, call_with_kernel, effective_weight,
+                                   kernel_norm)
+
+__all__ = (
+    "DEQ", "DEQAux", "DownsampleFusion", "EquilibriumCell", "MultiscaleFusion",
+    "NORM_EPSILON", "SpectralNorm", "SpectralVector", "UpsampleFusion", "WeightNorm",
+    "apply_layer", "bilinear_resize", "call_with_kernel", "effective_weight",
+    "group_norm", "kernel_norm", "nearest_upsample", "variational_dropout_mask",
+)

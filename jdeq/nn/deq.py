@@ -1,0 +1,159 @@
+"""The NNX equilibrium layer: any cell ``z ↦ cell(z, x)`` becomes ``z* = cell(z*, x)``.
+
+:class:`DEQ` keeps the solver core free of Flax: it splits its cell with
+``nnx.split`` into a graph definition and a Param pytree, and hands
+``jdeq.fixed_point`` the pure function
+
+    f(z, params, prepared, x) = merge(graphdef, params)(z, x, prepared).
+
+``prepared`` is what the cell's :meth:`EquilibriumCell.prepare` hook computed once
+for this forward pass (normalized weights, dropout masks). It is an argument of
+``f``, so every solver iteration and the backward pass see the very same arrays, and
+the gradient with respect to ``prepared`` flows back to the raw parameters through
+that single computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jdeq
+from jdeq._src.gradients import GradientMode
+from jdeq._src.solvers.base import AbstractSolver
+
+PyTree = Any
+
+
+class DEQAux(NamedTuple):
+  """Auxiliary outputs of an equilibrium layer (and of the models built on it).
+
+  Attributes:
+    stats: the forward :class:`jdeq.SolverStats` (per sample).
+    jac_loss: ``(B,)`` Hutchinson estimate of ``‖J_f(z*)‖²_F / d``, zeros when no
+      probes were requested.
+  """
+  stats: jdeq.SolverStats
+  jac_loss: jax.Array
+
+
+class EquilibriumCell(nnx.Module):
+  """Base class of the cells a :class:`DEQ` solves.
+
+  A cell implements three methods:
+
+  * :meth:`initial_state` — ``z0`` for a given injection (a batched pytree);
+  * :meth:`prepare` — everything that must be fixed for the whole solve
+    (normalized weights, dropout masks), computed once per forward pass;
+  * ``__call__(z, injection, prepared)`` — one application of the map. It must be
+    independent across samples and must not mutate the cell (it runs on a
+    functional copy, inside solver loops).
+  """
+
+  def initial_state(self, injection: PyTree) -> PyTree:
+    """The starting point of the solve; zeros shaped like the state by default."""
+    return jax.tree.map(jnp.zeros_like, injection)
+
+  def prepare(self, injection: PyTree, *, train: bool,
+              key: Optional[jax.Array]) -> PyTree:
+    """Arrays shared by all iterations of one forward pass (default: none).
+
+    Args:
+      injection: the input injection of this forward pass.
+      train: training mode (dropout on, spectral-norm vectors advance).
+      key: PRNG key for the dropout masks (None when no randomness is needed).
+    """
+    del injection, train, key
+    return None
+
+  def __call__(self, z: PyTree, injection: PyTree, prepared: PyTree) -> PyTree:
+    raise NotImplementedError
+
+
+class DEQ(nnx.Module):
+  """An equilibrium layer: solves ``z* = cell(z*, x)`` and differentiates through it.
+
+  Attributes:
+    cell: the :class:`EquilibriumCell`.
+    solver: forward solver in training mode.
+    eval_solver: forward solver in evaluation mode (its own budget/tolerance).
+    grad: gradient mode of the equilibrium (``jdeq.IFT`` with its backward solver,
+      ``jdeq.Phantom``, ``jdeq.JFB``).
+    unrolled_steps: iterations of the "pretraining" mode, which backpropagates
+      through ``unrolled_steps`` plain applications of the cell from ``z0``
+      (``jdeq.Unrolled``).
+  """
+
+  def __init__(self, cell: EquilibriumCell, *, solver: AbstractSolver = jdeq.Anderson(),
+               eval_solver: Optional[AbstractSolver] = None,
+               grad: GradientMode = jdeq.IFT(), unrolled_steps: int = 10):
+    if not isinstance(cell, EquilibriumCell):
+      raise ValueError(f"DEQ: cell must be an EquilibriumCell, got {type(cell).__name__}")
+    for name, value in (("solver", solver), ("eval_solver", eval_solver)):
+      if value is not None and not isinstance(value, AbstractSolver):
+        raise ValueError(f"DEQ: {name} must be a fixed-point solver, got {value!r}")
+    if not isinstance(grad, (jdeq.IFT, jdeq.Phantom, jdeq.JFB)):
+      raise ValueError(f"DEQ: grad must be IFT, Phantom or JFB (the unrolled mode is "
+                       f"the `unrolled` switch), got {grad!r}")
+    if not (isinstance(unrolled_steps, int) and unrolled_steps >= 1):
+      raise ValueError(f"DEQ: unrolled_steps must be an integer >= 1, got "
+                       f"{unrolled_steps!r}")
+    self.cell = cell
+    self.solver = solver
+    self.eval_solver = solver if eval_solver is None else eval_solver
+    self.grad = grad
+    self.unrolled_steps = unrolled_steps
+
+  def pure_map(self):
+    """``(f, params)``: the cell as a pure ``f(z, params, prepared, x)`` and its Params."""
+    graphdef, params, rest = nnx.split(self.cell, nnx.Param, ...)
+
+    def f(z, params, prepared, injection):
+      return nnx.merge(graphdef, params, rest, copy=True)(z, injection, prepared)
+
+    return f, params
+
+  def __call__(self, injection: PyTree, *, train: bool = True, unrolled: bool = False,
+               budget: Optional[jax.Array] = None, jac_probes: int = 0,
+               dropout_key: Optional[jax.Array] = None,
+               jacobian_key: Optional[jax.Array] = None) -> tuple[PyTree, DEQAux]:
+    """Solves for the equilibrium of the cell driven by ``injection``.
+
+    Args:
+      injection: the input injection ``x`` (a batched pytree).
+      train: use the training solver and draw dropout masks; else the evaluation
+        solver and no dropout.
+      unrolled: backpropagate through ``unrolled_steps`` plain iterations instead
+        of solving (pretraining mode; ``budget`` is then ignored).
+      budget: optional traced forward budget ``<= solver.max_iter``.
+      jac_probes: static number of Hutchinson probes; ``> 0`` estimates
+        ``‖J_f(z*)‖²_F / d`` at the equilibrium (differentiable in the parameters,
+        with ``z*`` held fixed as in the reference implementation).
+      dropout_key: key for the cell's dropout masks (training only).
+      jacobian_key: key for the Hutchinson probes (needed when ``jac_probes > 0``).
+
+    Returns:
+      ``(z_star, DEQAux(stats, jac_loss))``.
+    """
+    if not (isinstance(jac_probes, int) and jac_probes >= 0):
+      raise ValueError(f"DEQ: jac_probes must be a non-negative int, got {jac_probes!r}")
+    if jac_probes and jacobian_key is None:
+      raise ValueError("DEQ: jac_probes > 0 needs a jacobian_key")
+    prepared = self.cell.prepare(injection, train=train, key=dropout_key)
+    z0 = self.cell.initial_state(injection)
+    f, params = self.pure_map()
+    grad = jdeq.Unrolled(self.unrolled_steps) if unrolled else self.grad
+    solver = self.solver if train else self.eval_solver
+    z_star, stats = jdeq.fixed_point(f, z0, params, prepared, injection,
+                                     solver=solver, grad=grad, budget=budget)
+    batch = jax.tree.leaves(z_star)[0].shape[0]
+    if jac_probes:
+      jac_loss = jdeq.jacobian_fro_sq(f, jax.lax.stop_gradient(z_star), params,
+                                      prepared, injection, key=jacobian_key,
+                                      num_probes=jac_probes)
+    else:
+      jac_loss = jnp.zeros((batch,), jnp.float32)
+    return z_star, DEQAux(stats, jac_loss)

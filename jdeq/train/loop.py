@@ -1,0 +1,192 @@
+"""The training loop: resume, train, log, checkpoint, evaluate, report."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from jdeq.train import metrics as metrics_lib
+from jdeq.train import reporting
+from jdeq.train import sharding as sharding_lib
+from jdeq.train.checkpoint import Checkpointer
+from jdeq.train.config import TrainConfig
+from jdeq.train.optim import make_optimizer, make_schedule
+from jdeq.train.regularization import JacobianSchedule
+from jdeq.train.state import TrainState, create_train_state, num_params
+from jdeq.train.steps import EvalStep, make_eval_step, make_train_step
+
+# What the steps read from a batch; anything else a pipeline adds stays on the host.
+_STEP_INPUTS = ("image", "label", "mask")
+
+TrainBatches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
+EvalBatches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+
+
+def _device_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  return sharding_lib.shard_batch(
+      {name: batch[name] for name in _STEP_INPUTS if name in batch}, mesh)
+
+
+def evaluate(state: TrainState, eval_step: EvalStep, batches: Iterable[Mapping],
+             mesh: Mesh, *, max_batches: Optional[int] = None) -> dict[str, float]:
+  """One pass over ``batches``; returns accuracy, loss, NFE, residuals, images/s."""
+  start = time.monotonic()
+  total = None
+  for index, batch in enumerate(batches):
+    if max_batches is not None and index >= max_batches:
+      break
+    total = metrics_lib.accumulate(
+        total, eval_step(state, _device_batch(batch, mesh)))
+  if total is None:
+    raise ValueError("the evaluation data produced no batches")
+  summary = metrics_lib.summarize_eval(total)
+  summary["images_per_s"] = summary["samples"] / max(time.monotonic() - start, 1e-9)
+  return summary
+
+
+def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
+        eval_batches: EvalBatches, steps_per_epoch: int, workdir: str,
+        meta: Optional[Mapping[str, Any]] = None, mesh: Optional[Mesh] = None,
+        progress: bool = True) -> dict[str, Any]:
+  """Trains ``model`` and writes checkpoints, metrics, a report and plots to ``workdir``.
+
+  If ``workdir/checkpoints`` holds a checkpoint, training resumes from it: the
+  restored state carries the parameters, optimizer state, step, training key and the
+  model's RNG streams, and ``train_batches(step)`` restarts the data at that step,
+  so a resumed run computes exactly what an uninterrupted one would.
+
+  Args:
+    model: an NNX module following the model call contract (see
+      :mod:`jdeq.train.steps`), freshly initialized; it is not modified.
+    config: the training configuration.
+    train_batches: ``start_step -> iterator`` of global batches
+      ``{"image", "label"}`` whose ``k``-th element depends only on ``k``.
+    eval_batches: ``() -> iterable`` of test batches, optionally with ``"mask"``.
+    steps_per_epoch: training batches per epoch (for epochs-based settings).
+    workdir: output directory.
+    meta: extra JSON-able information stored in checkpoints and the report
+      (typically the experiment configuration).
+    mesh: data mesh (default: all devices).
+    progress: show a tqdm progress bar.
+
+  Returns:
+    The report (also written to ``workdir/report.json``).
+  """
+  wall_start = time.monotonic()
+  mesh = sharding_lib.data_mesh() if mesh is None else mesh
+  os.makedirs(workdir, exist_ok=True)
+  total_steps = config.num_steps(steps_per_epoch)
+  optimizer = make_optimizer(config, steps_per_epoch)
+  schedule = make_schedule(config, steps_per_epoch)
+  jacobian = JacobianSchedule.from_config(config, steps_per_epoch)
+  meta = reporting.to_json(dict(meta or {}, train=config))
+
+  state = sharding_lib.replicate(
+      create_train_state(model, optimizer, seed=config.seed), mesh)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              config.keep_last_k)
+  if checkpointer.latest_step() is not None:
+    state, _ = checkpointer.restore(state)
+  start_step = int(jax.device_get(state.step))
+  log = reporting.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
+                             resume_step=start_step)
+  log.write({"kind": "start", "step": start_step, "total_steps": total_steps,
+             "devices": mesh.size, "num_params": num_params(state)})
+
+  pretrain_step = make_train_step(optimizer, jacobian, unrolled=True, mesh=mesh)
+  equilibrium_step = make_train_step(optimizer, jacobian, unrolled=False, mesh=mesh)
+  eval_step = make_eval_step(mesh=mesh)
+
+  def run_eval(step: int) -> dict[str, float]:
+    summary = evaluate(state, eval_step, eval_batches(), mesh,
+                       max_batches=config.max_eval_batches)
+    log.write({"kind": "eval", "step": step, **summary})
+    bar.write(f"step {step}: test accuracy {summary['accuracy']:.4f}, loss "
+              f"{summary['loss']:.4f}, NFE {summary['fwd_nfe']:.1f}, rel residual "
+              f"{summary['residual']:.2e}")
+    return summary
+
+  bar = tqdm(total=total_steps, initial=start_step, disable=not progress,
+             dynamic_ncols=True, desc="train")
+  batches = train_batches(start_step)
+  interval_total, interval_start, interval_steps = None, time.monotonic(), 0
+  train_seconds, train_images, last_train = 0.0, 0, {}
+  stopped = "completed"
+  step = start_step
+  batch_size = 0
+  while step < total_steps:
+    host_batch = next(batches)
+    batch_size = len(host_batch["label"])
+    step_fn = pretrain_step if step < config.pretrain_steps else equilibrium_step
+    state, step_metrics = step_fn(state, _device_batch(host_batch, mesh))
+    interval_total = metrics_lib.accumulate(interval_total, step_metrics)
+    interval_steps += 1
+    step += 1
+    over_time = (config.max_minutes is not None and
+                 time.monotonic() - wall_start > 60 * config.max_minutes)
+    if step % config.log_every == 0 or step == total_steps or over_time:
+      last_train = metrics_lib.summarize_train(interval_total)  # the host sync
+      elapsed = time.monotonic() - interval_start
+      train_seconds += elapsed
+      train_images += interval_steps * batch_size
+      last_train.update(
+          images_per_s=interval_steps * batch_size / max(elapsed, 1e-9),
+          lr=float(schedule(step - 1)), epoch=step / steps_per_epoch,
+          mode="unrolled" if step <= config.pretrain_steps else "equilibrium")
+      log.write({"kind": "train", "step": step, **last_train})
+      bar.update(interval_steps)
+      bar.set_postfix(loss=f"{last_train['loss']:.3f}",
+                      acc=f"{last_train['accuracy']:.3f}",
+                      nfe=f"{last_train['fwd_nfe']:.1f}",
+                      res=f"{last_train['residual']:.1e}",
+                      jac=f"{last_train['jac_loss']:.2e}",
+                      img_s=f"{last_train['images_per_s']:.0f}")
+      interval_total, interval_steps = None, 0
+    if config.checkpoint_every and step % config.checkpoint_every == 0:
+      checkpointer.save(state, meta)
+    if (config.eval_every and step % config.eval_every == 0 and step < total_steps
+        and not over_time):
+      run_eval(step)
+    if interval_steps == 0:
+      interval_start = time.monotonic()
+    if over_time:
+      stopped = f"time budget of {config.max_minutes} minutes"
+      bar.write(f"stopping at step {step}: {stopped} reached")
+      break
+  bar.close()
+  checkpointer.save(state, meta)
+  final = run_eval(step)
+  checkpointer.close()
+
+  report = {
+      "final_test": final,
+      "test_accuracy": final["accuracy"],
+      "test_fwd_nfe": final["fwd_nfe"],
+      "test_residual": final["residual"],
+      "step": step,
+      "epochs": step / steps_per_epoch,
+      "total_steps": total_steps,
+      "stopped": stopped,
+      "resumed_from": start_step,
+      "train_images_per_s": train_images / train_seconds if train_seconds else None,
+      "last_train": last_train,
+      "wall_time_s": time.monotonic() - wall_start,
+      "num_params": num_params(state),
+      "devices": [str(device) for device in mesh.devices.flat],
+      "config": meta,
+  }
+  reporting.write_report(os.path.join(workdir, "report.json"), report)
+  report["plots"] = reporting.plot_curves(
+      reporting.read_records(log.path), workdir)
+  print(f"final test accuracy {final['accuracy']:.4f} | forward NFE "
+        f"{final['fwd_nfe']:.2f} | rel residual {final['residual']:.3e} | "
+        f"train {report['train_images_per_s'] or 0:.1f} images/s | wall "
+        f"{report['wall_time_s']:.0f} s | {workdir}")
+  return report

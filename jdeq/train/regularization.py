@@ -1,0 +1,96 @@
+"""The Jacobian-regularization schedule (Bai, Koltun & Kolter 2021; papers.md §4).
+
+The training loss on a step ``t`` is
+
+  L = L_task + τ_t · γ(t) · ‖J‖²_F / d,     τ_t ~ Bernoulli(p),
+
+with the Hutchinson estimate of ``‖J‖²_F / d`` computed by the model at ``z*``, and
+
+  γ(t) = γ₀ + Δγ · ⌊t / K⌋   while  t < stop_epoch · steps_per_epoch,   else 0.
+
+On regularized steps the forward budget is jittered by a small random integer, as in
+the reference code, so the model does not learn to converge at one exact budget.
+Every quantity here is a traced function of the step and an explicit key, so the
+jitted train step is compiled once and the draws replay exactly after a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jdeq.train.config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobianSchedule:
+  """γ(t), the regularization draw and the budget jitter (hashable, jit-static).
+
+  Attributes:
+    gamma: γ₀.
+    prob: p.
+    increment: Δγ.
+    increment_every: K in steps (0: no increments).
+    stop_step: first step with γ = 0 (None: never).
+    probes: Hutchinson probes M.
+    forward_budget: the training forward budget (None: the model's own).
+    budget_jitter: the jitter half-width.
+  """
+  gamma: float = 0.0
+  prob: float = 1.0
+  increment: float = 0.0
+  increment_every: int = 0
+  stop_step: Optional[int] = None
+  probes: int = 1
+  forward_budget: Optional[int] = None
+  budget_jitter: int = 0
+
+  @classmethod
+  def from_config(cls, config: TrainConfig,
+                  steps_per_epoch: int) -> "JacobianSchedule":
+    stop = (None if config.jac_stop_epoch is None
+            else round(config.jac_stop_epoch * steps_per_epoch))
+    return cls(gamma=config.jac_gamma, prob=config.jac_prob,
+               increment=config.jac_gamma_increment,
+               increment_every=config.jac_increment_every, stop_step=stop,
+               probes=config.jac_probes, forward_budget=config.forward_budget,
+               budget_jitter=config.jac_budget_jitter)
+
+  @property
+  def enabled(self) -> bool:
+    """Whether any step can be regularized (else the step skips the branch)."""
+    can_be_positive = self.gamma > 0 or (self.increment > 0 and
+                                         self.increment_every > 0)
+    return can_be_positive and self.prob > 0 and self.stop_step != 0
+
+  def gamma_at(self, step: jax.Array) -> jax.Array:
+    """γ(t) as a float32 scalar."""
+    step = jnp.asarray(step, jnp.int32)
+    gamma = jnp.asarray(self.gamma, jnp.float32)
+    if self.increment_every > 0:
+      gamma = gamma + self.increment * (step // self.increment_every)
+    if self.stop_step is not None:
+      gamma = jnp.where(step < self.stop_step, gamma, 0.0)
+    return gamma
+
+  def draw(self, key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array,
+                                                           Optional[jax.Array]]:
+    """Returns ``(regularize, gamma, budget)`` for one step.
+
+    ``regularize`` is ``τ ∧ γ(t) > 0``; ``budget`` is the int32 forward budget of
+    the step (jittered when regularized) or None when the model's own is used.
+    """
+    draw_key, jitter_key = jax.random.split(key)
+    gamma = self.gamma_at(step)
+    regularize = jax.random.bernoulli(draw_key, self.prob) & (gamma > 0)
+    if self.forward_budget is None:
+      return regularize, gamma, None
+    budget = jnp.asarray(self.forward_budget, jnp.int32)
+    if self.budget_jitter > 0:
+      jitter = jax.random.randint(jitter_key, (), -self.budget_jitter,
+                                  self.budget_jitter + 1)
+      budget = jnp.where(regularize, jnp.maximum(budget + jitter, 1), budget)
+    return regularize, gamma, budget

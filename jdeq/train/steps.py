@@ -1,0 +1,152 @@
+"""The jitted train and evaluation steps.
+
+The model is called through the model contract only:
+``logits, aux = model(images, train=..., unrolled=..., budget=..., jac_probes=...)``
+with ``aux.stats`` a :class:`jdeq.SolverStats` and ``aux.jac_loss`` a ``(B,)`` array.
+
+There are two compiled train steps, the unrolled ("pretraining") one and the
+equilibrium one; the loop switches from the first to the second after
+``pretrain_steps``. Inside the equilibrium step the Jacobian-regularization draw
+``τ ~ Bernoulli(p)`` is a ``lax.cond`` on a traced value, so the Hutchinson term is
+computed only on regularized steps and nothing is retraced from step to step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jdeq.train import metrics as metrics_lib
+from jdeq.train import sharding as sharding_lib
+from jdeq.train.regularization import JacobianSchedule
+from jdeq.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+TrainStep = Callable[[TrainState, Batch], tuple[TrainState, metrics_lib.StepMetrics]]
+EvalStep = Callable[[TrainState, Batch], metrics_lib.EvalSums]
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
+                            for leaf in jax.tree.leaves(tree)]))
+
+
+def make_train_step(optimizer: optax.GradientTransformation,
+                    jacobian: JacobianSchedule, *, unrolled: bool,
+                    mesh: Optional[Mesh] = None, donate: bool = True) -> TrainStep:
+  """Builds ``train_step(state, batch) -> (state, StepMetrics)``, jitted.
+
+  Args:
+    optimizer: the optax transformation the state was created with.
+    jacobian: the regularization schedule (ignored when ``unrolled``: the penalty
+      is defined at the equilibrium).
+    unrolled: compile the pretraining variant (``model(..., unrolled=True)``).
+    mesh: data mesh; the batch is sharded over it and the state replicated.
+      None: a mesh over all local devices.
+    donate: reuse the input state's buffers for the output (the caller must not
+      touch the old state afterwards).
+
+  A step whose gradient is not finite leaves the parameters and optimizer state
+  unchanged and sets ``nonfinite``; a solve that does not converge is never an
+  error, it shows up in the residual and ``converged`` metrics.
+  """
+  regularizable = jacobian.enabled and not unrolled
+
+  def step_fn(state: TrainState, batch: Batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    regularize, gamma, jittered_budget = jacobian.draw(key, state.step)
+    base_budget = (None if unrolled or jacobian.forward_budget is None
+                   else jnp.asarray(jacobian.forward_budget, jnp.int32))
+
+    def forward(params, jac_probes, budget, penalty_weight):
+      # copy=True: fresh Variables owned by this trace (the RNG counts mutate).
+      model = nnx.merge(state.graphdef, params, state.model_state, copy=True)
+      logits, aux = model(batch["image"], train=True, unrolled=unrolled,
+                          budget=budget, jac_probes=jac_probes)
+      _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+      loss_sum, correct, weight = metrics_lib.classification_sums(
+          logits, batch["label"])
+      weight = jnp.maximum(weight, 1.0)
+      task_loss = loss_sum / weight
+      jac_loss = jnp.mean(aux.jac_loss).astype(jnp.float32)
+      total = task_loss + penalty_weight * jac_loss
+      return total, (task_loss, correct / weight, jac_loss, aux.stats,
+                     new_model_state)
+
+    def plain(params):
+      return forward(params, 0, base_budget, 0.0)
+
+    def regularized(params):
+      return forward(params, jacobian.probes, jittered_budget, gamma)
+
+    def loss_fn(params):
+      if regularizable:
+        return jax.lax.cond(regularize, regularized, plain, params)
+      return plain(params)
+
+    grads, (task_loss, accuracy, jac_loss, stats, new_model_state) = jax.grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = _all_finite(grads)
+    keep = lambda new, old: jax.tree.map(
+        lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        model_state=new_model_state, step=state.step + 1)
+
+    nfe, residual, residual_max, converged, samples = metrics_lib.solver_summary(stats)
+    step_regularized = (regularize if regularizable
+                        else jnp.zeros((), bool)).astype(jnp.float32)
+    metrics = metrics_lib.StepMetrics(
+        loss=task_loss, accuracy=accuracy, jac_loss=jac_loss * step_regularized,
+        regularized=step_regularized,
+        gamma=gamma if regularizable else jnp.zeros((), jnp.float32),
+        fwd_nfe=nfe / samples, residual=residual / samples,
+        residual_max=residual_max, converged=converged / samples,
+        nonfinite=1.0 - finite.astype(jnp.float32),
+        count=jnp.ones((), jnp.float32))
+    return new_state, metrics
+
+  mesh = sharding_lib.data_mesh() if mesh is None else mesh
+  replicated = sharding_lib.replicated(mesh)
+  return jax.jit(step_fn,
+                 in_shardings=(replicated, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated),
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(*, mesh: Optional[Mesh] = None) -> EvalStep:
+  """Builds ``eval_step(state, batch) -> EvalSums``, jitted.
+
+  The model runs with ``train=False`` (no dropout, the evaluation solver budget).
+  The batch may carry ``"mask"`` (1 real, 0 padding) for the padded last batch;
+  padded samples add nothing to any sum.
+  """
+
+  def eval_fn(state: TrainState, batch: Batch) -> metrics_lib.EvalSums:
+    model = nnx.merge(state.graphdef, state.params, state.model_state, copy=True)
+    logits, aux = model(batch["image"], train=False, unrolled=False, budget=None,
+                        jac_probes=0)
+    mask = batch.get("mask")
+    if mask is None:
+      mask = jnp.ones(batch["label"].shape[:1], jnp.float32)
+    loss, correct, weight = metrics_lib.classification_sums(
+        logits, batch["label"], mask)
+    nfe, residual, residual_max, converged, samples = metrics_lib.solver_summary(
+        aux.stats, mask)
+    return metrics_lib.EvalSums(loss=loss, correct=correct, weight=weight,
+                                samples=samples, fwd_nfe=nfe, residual=residual,
+                                residual_max=residual_max, converged=converged)
+
+  mesh = sharding_lib.data_mesh() if mesh is None else mesh
+  replicated = sharding_lib.replicated(mesh)
+  return jax.jit(eval_fn,
+                 in_shardings=(replicated, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=replicated)

@@ -1,0 +1,107 @@
+"""A tiny model and synthetic data honouring the model and data contracts.
+
+For tests and smoke runs of the training machinery (in the spirit of
+``tfds.testing``): the loop, checkpoints and sharding only rely on the contracts, so
+they can be exercised in seconds without the real models or datasets.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jdeq
+
+
+class TinyAux(NamedTuple):
+  """Same fields as ``jdeq.nn.DEQAux``."""
+  stats: jdeq.SolverStats
+  jac_loss: jax.Array
+
+
+class TinyDEQClassifier(nnx.Module):
+  """``z* = tanh(W z + U x + b)`` on flattened images, then a linear classifier.
+
+  Implements the model call contract: ``model(images, train, unrolled, budget,
+  jac_probes) -> (logits, aux)``, with dropout on the injection in training and the
+  Hutchinson penalty drawn from the model's own ``"jacobian"`` RNG stream.
+  """
+
+  def __init__(self, image_shape: tuple[int, ...], num_classes: int, *,
+               width: int = 16, dropout: float = 0.1, max_iter: int = 12,
+               rngs: nnx.Rngs):
+    in_features = int(np.prod(image_shape))
+    self.embed = nnx.Linear(in_features, width, rngs=rngs)
+    self.cell = nnx.Linear(width, width, use_bias=False, rngs=rngs,
+                           kernel_init=nnx.initializers.normal(0.3 / np.sqrt(width)))
+    self.head = nnx.Linear(width, num_classes, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.rngs = rngs
+    self.solver = jdeq.Anderson(max_iter=max_iter, tol=1e-4)
+    self.eval_solver = jdeq.Anderson(max_iter=max_iter + 2, tol=1e-4)
+
+  def __call__(self, images: jax.Array, train: bool = True, unrolled: bool = False,
+               budget: Optional[jax.Array] = None, jac_probes: int = 0):
+    injection = self.embed(images.reshape(images.shape[0], -1))
+    injection = self.dropout(injection, deterministic=not train)
+    kernel = self.cell.kernel[...]
+
+    def cell(z, kernel, injection):
+      return jnp.tanh(z @ kernel + injection)
+
+    z0 = jnp.zeros_like(injection)
+    grad = jdeq.Unrolled(steps=6) if unrolled else jdeq.IFT()
+    solver = self.solver if train else self.eval_solver
+    z_star, stats = jdeq.fixed_point(cell, z0, kernel, injection, solver=solver,
+                                     grad=grad, budget=budget)
+    if jac_probes > 0:
+      jac_loss = jdeq.jacobian_fro_sq(cell, z_star, kernel, injection,
+                                      key=self.rngs.jacobian(),
+                                      num_probes=jac_probes)
+    else:
+      jac_loss = jnp.zeros(z_star.shape[:1], jnp.float32)
+    return self.head(z_star), TinyAux(stats, jac_loss)
+
+
+def synthetic_dataset(num: int, image_shape=(4, 4, 1), num_classes: int = 3,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """A learnable classification set: the label is the argmax of fixed projections."""
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(num,) + tuple(image_shape)).astype(np.float32)
+  projections = rng.normal(size=(int(np.prod(image_shape)), num_classes))
+  labels = np.argmax(images.reshape(num, -1) @ projections, -1).astype(np.int32)
+  return images, labels
+
+
+def in_memory_train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                            *, seed: int = 0, start_step: int = 0) -> Iterator[dict]:
+  """Batches following the data contract: batch ``k`` depends on ``(seed, k)`` only.
+
+  Epoch ``e`` is a permutation drawn from ``(seed, e)``; the remainder is dropped.
+  """
+  per_epoch = len(images) // batch_size
+  step = start_step
+  while True:
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(images))
+    index = order[position * batch_size:(position + 1) * batch_size]
+    yield {"image": images[index], "label": labels[index]}
+    step += 1
+
+
+def in_memory_eval_batches(images: np.ndarray, labels: np.ndarray,
+                           batch_size: int) -> Iterator[dict]:
+  """One pass with static shapes; the last batch is padded and carries a mask."""
+  for start in range(0, len(images), batch_size):
+    image, label = images[start:start + batch_size], labels[start:start + batch_size]
+    real = len(image)
+    pad = batch_size - real
+    yield {"image": np.concatenate([image, np.zeros((pad,) + image.shape[1:],
+                                                    image.dtype)]),
+           "label": np.concatenate([label, np.zeros((pad,), label.dtype)]),
+           "mask": np.concatenate([np.ones(real, np.float32),
+                                   np.zeros(pad, np.float32)])}
