@@ -1,0 +1,1 @@
+"""Entry points that compose the library: the training CLI, configs, paper scripts."""

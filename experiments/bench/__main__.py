@@ -1,0 +1,7 @@
+"""``python -m experiments.bench``: see :mod:`experiments.bench.run`."""
+
+import sys
+
+from experiments.bench import run
+
+sys.exit(run.main())

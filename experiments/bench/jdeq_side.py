@@ -1,0 +1,255 @@
+"""The jdeq side of the benchmark: each workload × variant as jitted functions.
+
+A workload is described by a :class:`Cell`: its parameters, its input batch, how
+one training step prepares the arguments of the map (weight norm and injection
+computed once per step, as the papers prescribe), the map ``f(z, *args)`` itself and
+the classification head. :func:`build_variant` turns a cell and a variant name into
+the functions that are timed:
+
+* ``forward``: the forward pass of a training step, ``jax.vjp`` of the loss (the
+  solve, keeping what the backward pass needs);
+* ``backward``: the pullback returned by ``forward``;
+* ``step``: loss, gradients and an SGD update in one jitted function (the figure
+  compared with TorchDEQ);
+* ``bare``: the same number of bare map evaluations and VJPs as the step needs
+  (:func:`experiments.bench.workloads.evaluation_counts`), the denominator of the
+  overhead ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jdeq
+from jdeq.ops import conv2d
+from experiments.bench import workloads
+
+PyTree = Any
+LEARNING_RATE = 1e-4
+GROUP_NORM_EPSILON = 1e-5  # torch.nn.GroupNorm's default, for identical maps
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """A workload, framework-side.
+
+  Attributes:
+    params: the trainable parameters (a pytree).
+    batch: ``{"x": inputs, "labels": int32 labels}``.
+    prepare: ``(params, x) -> (map_args, z0)``, run once per step.
+    map: ``f(z, *map_args)``.
+    logits: ``(params, z_star) -> logits``.
+  """
+  params: PyTree
+  batch: dict
+  prepare: Callable
+  map: Callable
+  logits: Callable
+
+
+def _weight_norm(direction: jax.Array, gain: jax.Array, out_axis: int) -> jax.Array:
+  """``g · v / ‖v‖`` with one gain per output unit (norm over all other axes)."""
+  axes = tuple(a for a in range(direction.ndim) if a != out_axis % direction.ndim)
+  norm = jnp.sqrt(jnp.sum(direction**2, axis=axes, keepdims=True))
+  shape = [1] * direction.ndim
+  shape[out_axis] = -1
+  return direction * (gain.reshape(shape) / norm)
+
+
+def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return conv2d(x, kernel)
+
+
+def group_norm(x: jax.Array, groups: int, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """GroupNorm over (H, W, C/groups) of an NHWC tensor, per sample."""
+  b, h, w, c = x.shape
+  grouped = x.reshape(b, h, w, groups, c // groups)
+  mean = jnp.mean(grouped, axis=(1, 2, 4), keepdims=True)
+  var = jnp.mean(jnp.square(grouped - mean), axis=(1, 2, 4), keepdims=True)
+  normalized = (grouped - mean) * jax.lax.rsqrt(var + GROUP_NORM_EPSILON)
+  return normalized.reshape(b, h, w, c) * scale + bias
+
+
+def _mlp_map(z, weight, injection):
+  return jnp.tanh(z @ weight.T + injection)
+
+
+def _conv_map(z, conv1, conv2, conv2_bias, injection, gn_scale, gn_bias):
+  y = _conv(jax.nn.relu(_conv(z, conv1)), conv2) + conv2_bias
+  return group_norm(jax.nn.relu(y + injection), workloads.W2_GROUPS, gn_scale, gn_bias)
+
+
+def mlp_cell(seed: int = 0) -> Cell:
+  """W1 from the shared initial arrays."""
+  arrays = {k: jnp.asarray(v) for k, v in workloads.initial_arrays("w1", seed).items()}
+  params = {k: arrays[k] for k in ("W_v", "W_g", "U", "head_w", "head_b")}
+
+  def prepare(p, x):
+    injection = x @ p["U"].T
+    return (_weight_norm(p["W_v"], p["W_g"], 0), injection), jnp.zeros_like(injection)
+
+  return Cell(params=params, batch={"x": arrays["x"], "labels": arrays["labels"]},
+              prepare=prepare, map=_mlp_map,
+              logits=lambda p, z: z @ p["head_w"].T + p["head_b"])
+
+
+def conv_cell(seed: int = 0) -> Cell:
+  """W2 from the shared initial arrays."""
+  arrays = {k: jnp.asarray(v) for k, v in workloads.initial_arrays("w2", seed).items()}
+  params = {k: v for k, v in arrays.items() if k not in ("x", "labels")}
+
+  def prepare(p, x):
+    injection = _conv(x, p["inj_w"]) + p["inj_b"]
+    args = (_weight_norm(p["conv1_v"], p["conv1_g"], -1),
+            _weight_norm(p["conv2_v"], p["conv2_g"], -1), p["conv2_b"], injection,
+            p["gn_scale"], p["gn_bias"])
+    return args, jnp.zeros_like(injection)
+
+  def logits(p, z):
+    return jnp.mean(z, axis=(1, 2)) @ p["head_w"].T + p["head_b"]
+
+  return Cell(params=params, batch={"x": arrays["x"], "labels": arrays["labels"]},
+              prepare=prepare, map=_conv_map, logits=logits)
+
+
+def build_cell(workload: str, seed: int = 0) -> Cell:
+  if workload == "w1":
+    return mlp_cell(seed)
+  if workload == "w2":
+    return conv_cell(seed)
+  if workload == "w3":
+    raise NotImplementedError(
+        "W3 (MDEQ-Tiny) is not wired into the benchmark yet: it needs the jdeq model's "
+        "map exposed as a Cell and a TorchDEQ MDEQ-Tiny; run W1/W2")
+  raise ValueError(f"unknown workload {workload!r}; valid workloads are "
+                   f"{sorted(workloads.WORKLOADS)}")
+
+
+def solver_and_gradient(workload: str, variant: str, forward_iters: int | None = None):
+  """The jdeq configuration of ``variant``: ``(solver, gradient)``."""
+  spec = workloads.workload(workload)
+  forward = spec.forward_iters if forward_iters is None else forward_iters
+  solver_name, gradient_name = workloads.split_variant(variant)
+  if gradient_name == workloads.UNROLLED:
+    return jdeq.FixedPointIteration(max_iter=forward), jdeq.Unrolled(steps=forward)
+
+  def make(name, budget, stop_mode):
+    options = dict(max_iter=budget, tol=workloads.FULL_BUDGET_TOL, stop_mode=stop_mode)
+    if name == "anderson":
+      return jdeq.Anderson(m=workloads.ANDERSON_MEMORY, **options)
+    if name == "broyden":
+      return jdeq.Broyden(memory=budget, **options)  # TorchDEQ keeps every update
+    return jdeq.FixedPointIteration(**options)
+
+  solver = make(solver_name, forward, "rel")
+  if gradient_name == "ift":
+    gradient = jdeq.IFT(solver=make(solver_name, spec.backward_iters, "abs"))
+  elif gradient_name == "phantom":
+    gradient = jdeq.Phantom(k=workloads.PHANTOM_STEPS, damping=workloads.PHANTOM_DAMPING)
+  else:
+    gradient = jdeq.JFB()
+  return solver, gradient
+
+
+@dataclasses.dataclass
+class Variant:
+  """The jitted functions of one workload × variant and their arguments."""
+  cell: Cell
+  forward: Callable
+  backward: Callable
+  step: Callable
+  bare: Callable
+  counts: Callable[[], dict]
+  compiled_step: Callable | None = None
+
+  def calls(self) -> dict[str, Callable[[], Any]]:
+    """Zero-argument calls that block until their result is ready."""
+    params, batch = self.cell.params, self.cell.batch
+    _, pullback = self.forward(params, batch)
+    step = self.compiled_step or self.step
+    return {
+        "step": lambda: jax.block_until_ready(step(params, batch)),
+        "forward": lambda: jax.block_until_ready(self.forward(params, batch)),
+        "backward": lambda: jax.block_until_ready(self.backward(pullback)),
+        "bare": lambda: jax.block_until_ready(self.bare(params, batch)),
+    }
+
+  def compile_step(self) -> dict:
+    """Compile time of the step and XLA's compile-time memory figures for it.
+
+    The compiled step is kept and used by :meth:`calls` (``jit`` would compile anew).
+    """
+    start = time.perf_counter()
+    compiled = self.step.lower(self.cell.params, self.cell.batch).compile()
+    seconds = time.perf_counter() - start
+    self.compiled_step = compiled
+    memory = compiled.memory_analysis()
+    return {"compile_s": seconds,
+            "temp_bytes": int(memory.temp_size_in_bytes) if memory else None,
+            "argument_bytes": int(memory.argument_size_in_bytes) if memory else None,
+            "output_bytes": int(memory.output_size_in_bytes) if memory else None}
+
+
+def build_variant(workload: str, variant: str, forward_iters: int | None = None,
+                  seed: int = 0, cell: Cell | None = None) -> Variant:
+  """The timed functions of ``variant`` on ``workload``."""
+  cell = build_cell(workload, seed) if cell is None else cell
+  solver, gradient = solver_and_gradient(workload, variant, forward_iters)
+  spec = workloads.workload(workload)
+  evaluations, vjps = workloads.evaluation_counts(variant, spec, forward_iters)
+
+  def loss_and_stats(params, batch, probe=None):
+    map_args, z0 = cell.prepare(params, batch["x"])
+    z_star, stats = jdeq.fixed_point(cell.map, z0, *map_args, solver=solver,
+                                     grad=gradient, backward_probe=probe)
+    logits = cell.logits(params, z_star)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    return jnp.mean(loss), stats
+
+  def loss(params, batch):
+    return loss_and_stats(params, batch)[0]
+
+  def step(params, batch):
+    value, grads = jax.value_and_grad(loss)(params, batch)
+    return jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads), value
+
+  def bare(params, batch):
+    map_args, z0 = cell.prepare(params, batch["x"])
+    z = jax.lax.fori_loop(0, evaluations, lambda _, z: cell.map(z, *map_args), z0)
+    _, pullback = jax.vjp(lambda z_: cell.map(z_, *map_args), z)
+    return jax.lax.fori_loop(0, vjps, lambda _, u: pullback(u)[0], z)
+
+  def counts():
+    probe = jdeq.backward_stats_probe(jax.tree.leaves(cell.batch["x"])[0].shape[0])
+    (_, forward_stats), (_, probe_grad) = jax.jit(jax.value_and_grad(
+        lambda p, q: loss_and_stats(p, cell.batch, q), argnums=(0, 1), has_aux=True))(
+            cell.params, probe)
+    result = {
+        "forward_evaluations": int(np.max(forward_stats.nstep)),
+        "forward_rel_residual": float(np.median(forward_stats.rel_residual)),
+        "forward_abs_residual": float(np.median(forward_stats.abs_residual)),
+        "diverged": int(np.sum(forward_stats.diverged)),
+    }
+    if isinstance(gradient, jdeq.IFT):
+      backward_stats = jdeq.backward_stats(probe_grad)
+      result["backward_vjps"] = int(np.max(backward_stats.nstep))
+      result["backward_abs_residual"] = float(np.median(backward_stats.abs_residual))
+    return result
+
+  return Variant(
+      cell=cell,
+      forward=jax.jit(lambda p, b: jax.vjp(lambda p_: loss(p_, b), p)),
+      backward=jax.jit(lambda pullback: pullback(jnp.ones((), jnp.float32))),
+      step=jax.jit(step), bare=jax.jit(bare), counts=counts)
+
+
+def describe_device() -> str:
+  device = jax.devices()[0]
+  return f"{device.platform}:{device.device_kind} ({len(jax.devices())} device(s), jax {jax.__version__})"

@@ -1,0 +1,244 @@
+"""Runs the jdeq vs TorchDEQ benchmark: every solver × gradient variant per workload.
+
+For each workload × variant both sides are set up (jdeq: compiled, warmed up;
+TorchDEQ: built in the worker subprocess, warmed up), then measured in alternating
+rounds — a jdeq round, a TorchDEQ round, and so on — so that slow drift of the
+machine affects both alike. Each jdeq round times the fused training step, its
+forward and backward halves and the bare evaluations; each TorchDEQ round times
+training steps (forward, backward and whole step from one call) and the bare
+evaluations. Afterwards, peak memory of a training step is measured for forward
+budgets 10, 30 and 100 (IFT against unrolled).
+
+Outputs (``--out``, default ``experiments/bench/results``): ``results.json``,
+``<workload>_times.png``, ``memory_scaling.png``, and the markdown table, written
+into README.md between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (or to
+``table.md`` in the output folder when the README has no such markers).
+
+Run: ``python -m experiments.bench [--workloads w1,w2] [--variants all|LIST]
+[--scale S] [--torch-python PATH | --no-torch]``. The TorchDEQ interpreter defaults
+to ``$JDEQ_BENCH_TORCH_PYTHON`` or ``.venv-bench/bin/python`` in the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from experiments.bench import jdeq_side, report, timing, workloads
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_OUT = os.path.join(REPO_ROOT, "experiments", "bench", "results")
+MEMORY_BUDGETS = (10, 30, 100)
+MEMORY_VARIANTS = ("anderson/ift", workloads.UNROLLED)
+
+
+class TorchWorker:
+  """The TorchDEQ worker subprocess, spoken to in JSON lines."""
+
+  def __init__(self, python: str, threads: int = 0):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, JDEQ_BENCH_TORCH_THREADS=str(threads))
+    self.python = python
+    self.process = subprocess.Popen(
+        [python, "-m", "experiments.bench.torch_side"], cwd=REPO_ROOT, env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+  def request(self, **message) -> dict:
+    self.process.stdin.write(json.dumps(message) + "\n")
+    self.process.stdin.flush()
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the TorchDEQ worker exited (code {self.process.poll()})")
+    reply = json.loads(line)
+    if not reply.pop("ok"):
+      raise RuntimeError(f"TorchDEQ worker: {reply['error']}")
+    return reply
+
+  def memory(self, workload: str, variant: str, forward_iters: int) -> dict:
+    """Peak memory of one step, in a fresh process of the TorchDEQ environment."""
+    request = json.dumps(dict(workload=workload, variant=variant,
+                              forward_iters=forward_iters))
+    output = subprocess.run(
+        [self.python, "-m", "experiments.bench.torch_side", "--memory", request],
+        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT), check=True,
+        capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+  def close(self) -> None:
+    try:
+      self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+      self.process.stdin.flush()
+    except (BrokenPipeError, ValueError):
+      pass
+    self.process.wait(timeout=30)
+
+
+def _timing_dict(rounds: list[list[float]]) -> dict:
+  return timing.Timing.from_samples(rounds).as_dict()
+
+
+def measure_cell(workload: str, variant: str, worker: TorchWorker | None, *,
+                 reps: int, rounds: int, warmup: int) -> dict[str, Any]:
+  """Both sides of one workload × variant, in alternating rounds."""
+  spec = workloads.workload(workload)
+  evaluations, vjps = workloads.evaluation_counts(variant, spec)
+  built = jdeq_side.build_variant(workload, variant)
+  compile_figures = built.compile_step()
+  calls = built.calls()
+  for call in calls.values():
+    for _ in range(warmup):
+      call()
+  jdeq_rounds = {name: [] for name in calls}
+  torch_rounds = {name: [] for name in ("step", "forward", "backward", "bare")}
+  if worker:
+    worker.request(cmd="setup", workload=workload, variant=variant, warmup=warmup)
+  for _ in range(rounds):
+    for name, call in calls.items():
+      jdeq_rounds[name].append(timing.time_round(call, reps))
+    if worker:
+      steps = worker.request(cmd="time", reps=reps)
+      for name in ("step", "forward", "backward"):
+        torch_rounds[name].append(steps[name])
+      torch_rounds["bare"].append(worker.request(
+          cmd="bare", reps=reps, evaluations=evaluations, vjps=vjps)["bare"])
+
+  jdeq_timings = {name: _timing_dict(r) for name, r in jdeq_rounds.items()}
+  cell = {
+      "workload": workload, "variant": variant,
+      "bare_counts": {"evaluations": evaluations, "vjps": vjps},
+      "jdeq": {"timings": jdeq_timings, "compile": compile_figures,
+               "counts": built.counts(),
+               "overhead": jdeq_timings["step"]["median"] / jdeq_timings["bare"]["median"]},
+  }
+  if worker:
+    torch_timings = {name: _timing_dict(r) for name, r in torch_rounds.items()}
+    cell["torch"] = {
+        "timings": torch_timings, "counts": worker.request(cmd="counts"),
+        "overhead": torch_timings["step"]["median"] / torch_timings["bare"]["median"]}
+    cell["speedup"] = {name: torch_timings[name]["median"] / jdeq_timings[name]["median"]
+                       for name in ("step", "forward", "backward")}
+  return cell
+
+
+def measure_memory(workload_names, worker: TorchWorker | None) -> list[dict]:
+  """Step memory for forward budgets 10/30/100, IFT against unrolled."""
+  rows = []
+  for workload in workload_names:
+    for variant in MEMORY_VARIANTS:
+      for budget in MEMORY_BUDGETS:
+        built = jdeq_side.build_variant(workload, variant, forward_iters=budget)
+        figures = built.compile_step()
+        rows.append({"workload": workload, "variant": variant, "forward_iters": budget,
+                     "jdeq_temp_bytes": figures["temp_bytes"],
+                     "torch": worker.memory(workload, variant, budget) if worker else None})
+        print(f"  memory {workload} {variant} budget {budget}: jdeq temp "
+              f"{figures['temp_bytes'] / 2**20:.2f} MiB"
+              + (f", TorchDEQ saved {rows[-1]['torch']['saved_bytes'] / 2**20:.2f} MiB"
+                 if worker else ""), flush=True)
+  return rows
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description="jdeq vs TorchDEQ benchmark")
+  parser.add_argument("--workloads", default=",".join(workloads.DEFAULT_WORKLOADS),
+                      help="comma-separated workloads (w1, w2; w3 is not implemented yet)")
+  parser.add_argument("--variants", default="all",
+                      help="'all', 'default' (each workload's own list) or a "
+                           "comma-separated list like anderson/ift,unrolled")
+  parser.add_argument("--scale", type=float, default=1.0,
+                      help="multiplies each workload's repetitions per round")
+  parser.add_argument("--rounds", type=int, default=None,
+                      help="rounds per side (default: the workload's)")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--torch-python", default=os.environ.get(
+      "JDEQ_BENCH_TORCH_PYTHON", os.path.join(REPO_ROOT, ".venv-bench", "bin", "python")))
+  parser.add_argument("--no-torch", action="store_true", help="run the jdeq side only")
+  parser.add_argument("--torch-threads", type=int, default=0,
+                      help="torch intra-op threads (0: torch's default, all cores). On a "
+                           "busy machine, OpenMP's spinning threads can slow TorchDEQ "
+                           "down by 10-20x; 1 avoids that, at the cost of parallelism")
+  parser.add_argument("--no-memory", action="store_true", help="skip memory scaling")
+  parser.add_argument("--out", default=DEFAULT_OUT)
+  parser.add_argument("--readme", default=os.path.join(REPO_ROOT, "README.md"),
+                      help="README to write the table into ('' to skip)")
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  started = time.perf_counter()
+  workload_names = [w for w in args.workloads.split(",") if w]
+  for name in workload_names:
+    workloads.workload(name)  # fails early, naming the valid workloads
+  os.makedirs(args.out, exist_ok=True)
+
+  load = timing.machine_load()
+  warning = timing.idle_warning()
+  device = jdeq_side.describe_device()
+  print(f"device: {device}", flush=True)
+  if warning:
+    print(warning, flush=True)
+
+  worker = None
+  if not args.no_torch:
+    if os.path.exists(args.torch_python):
+      worker = TorchWorker(args.torch_python, args.torch_threads)
+    else:
+      print(f"WARNING: no TorchDEQ interpreter at {args.torch_python!r} (create it from "
+            "requirements-bench.txt or pass --torch-python); running jdeq only", flush=True)
+  results: dict[str, Any] = {"device": device, "load": load, "warning": warning,
+                             "cells": [], "memory": []}
+  try:
+    if worker:
+      results["torch_device"] = worker.request(cmd="info")["device"]
+      print(f"TorchDEQ side: {results['torch_device']}", flush=True)
+    for name in workload_names:
+      spec = workloads.workload(name)
+      if args.variants == "all":
+        variants = workloads.all_variants()
+      elif args.variants == "default":
+        variants = spec.default_variants
+      else:
+        variants = tuple(v for v in args.variants.split(",") if v)
+        for variant in variants:
+          workloads.split_variant(variant)
+      reps = max(1, round(spec.reps * args.scale))
+      rounds = args.rounds or spec.rounds
+      for variant in variants:
+        cell = measure_cell(name, variant, worker, reps=reps, rounds=rounds,
+                            warmup=args.warmup)
+        results["cells"].append(cell)
+        step = cell["jdeq"]["timings"]["step"]["median"]
+        line = (f"{name} {variant:<32} jdeq step {step * 1e3:9.3f} ms  overhead "
+                f"{cell['jdeq']['overhead']:.2f}")
+        if worker:
+          line += (f" | TorchDEQ step {cell['torch']['timings']['step']['median'] * 1e3:9.3f}"
+                   f" ms  speedup {cell['speedup']['step']:.2f}x")
+        print(line, flush=True)
+    if not args.no_memory:
+      results["memory"] = measure_memory(workload_names, worker)
+  finally:
+    if worker:
+      worker.close()
+
+  results["end_load"] = timing.machine_load()
+  results["wall_s"] = time.perf_counter() - started
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  table = report.markdown_table(results)
+  print(table)
+  fallback = os.path.join(args.out, "table.md")
+  written = (report.write_table(table, args.readme, fallback) if args.readme
+             else report.write_table(table, "", fallback))
+  charts = report.plot(results, args.out)
+  print(f"table written to {written}; charts: {', '.join(charts)}; "
+        f"total {results['wall_s']:.0f} s", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

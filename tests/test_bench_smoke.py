@@ -1,0 +1,74 @@
+"""Smoke test of the benchmarks: the jdeq side runs and reports what it promises.
+
+Tiny repetition counts and no timing assertions: this checks that the benchmark
+code works against the current library and that its output has the documented
+structure, not how fast anything is.
+"""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+try:
+  import experiments.bench  # noqa: F401
+except ImportError:  # run from another working directory: the repo root holds it
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.bench import core_step, report, run, workloads  # noqa: E402
+
+
+def _is_positive_timing(figures):
+  return (figures["count"] >= 1 and figures["median"] > 0
+          and figures["p25"] <= figures["median"] <= figures["p75"])
+
+
+def test_core_step_reports_full_budgets_and_ratios():
+  result = core_step.run(reps=2, rounds=1, warmup=1)
+  assert result["counts"]["forward_nfe"] == core_step.ITERATIONS
+  assert result["counts"]["backward_nvjp"] == core_step.ITERATIONS
+  assert set(result["timings"]) == {"forward", "backward", "forward_backward",
+                                    "bare_evaluations", "bare_vjps", "bare_both"}
+  assert all(_is_positive_timing(t) for t in result["timings"].values())
+  assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values())
+  assert "forward_backward" in core_step.format_report(result)
+  json.dumps(result)  # JSON-ready
+
+
+def test_w1_cell_jdeq_side_and_table(tmp_path):
+  cell = run.measure_cell("w1", "fixed_point_iteration/ift", None, reps=1, rounds=1, warmup=1)
+  jdeq_figures = cell["jdeq"]
+  assert set(jdeq_figures["timings"]) == {"step", "forward", "backward", "bare"}
+  assert all(_is_positive_timing(t) for t in jdeq_figures["timings"].values())
+  assert jdeq_figures["counts"]["forward_evaluations"] == workloads.W1.forward_iters
+  assert jdeq_figures["counts"]["backward_vjps"] == workloads.W1.backward_iters
+  assert jdeq_figures["counts"]["diverged"] == 0
+  assert jdeq_figures["compile"]["temp_bytes"] > 0
+  assert jdeq_figures["overhead"] > 0
+  assert cell["bare_counts"] == {"evaluations": 31, "vjps": 31}
+  assert "torch" not in cell
+
+  results = {"device": "cpu", "load": {"load1": 0.0, "cores": 2}, "cells": [cell],
+             "memory": []}
+  table = report.markdown_table(results)
+  assert "| w1 | fixed_point_iteration/ift |" in table
+
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n")
+  assert report.write_table(table, str(readme), str(tmp_path / "t.md")) == str(readme)
+  text = readme.read_text()
+  assert "old" not in text and "| w1 | fixed_point_iteration/ift |" in text and text.endswith("rest\n")
+  no_markers = tmp_path / "OTHER.md"
+  no_markers.write_text("no markers\n")
+  fallback = tmp_path / "table.md"
+  assert report.write_table(table, str(no_markers), str(fallback)) == str(fallback)
+  assert no_markers.read_text() == "no markers\n"
+
+
+def test_unknown_names_are_rejected():
+  with pytest.raises(ValueError, match="unknown variant"):
+    workloads.split_variant("anderson/backprop")
+  with pytest.raises(ValueError, match="unknown workload"):
+    workloads.workload("w9")
