@@ -19,7 +19,8 @@ def mnist_convdeq() -> ExperimentConfig:
       model="conv_deq_mnist",
       # Narrower than the registered default (48/64 channels at 28x28 costs several
       # seconds per step on 2 cores) and a cheap phantom-gradient backward pass.
-      model_overrides={"channels": 16, "inner_channels": 32, "unrolled_steps": 5,
+      model_overrides={"channels": 24, "inner_channels": 48, "stem_stride": 2,
+                       "unrolled_steps": 5,
                        "solver": jdeq.Anderson(max_iter=10, tol=1e-3),
                        "eval_solver": jdeq.Anderson(max_iter=12, tol=1e-3),
                        "grad": jdeq.Phantom(k=4, damping=0.5)},

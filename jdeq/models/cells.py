@@ -71,9 +71,9 @@ class ConvCell(nn.EquilibriumCell):
     self.inner_channels = inner_channels
     kernel = (kernel_size, kernel_size)
     init = nnx.initializers.normal(0.01)  # small: the cell starts close to contractive
-    self.conv1 = nn.WeightNorm(nnx.Conv(channels, inner_channels, kernel, use_bias=False,
+    self.conv1 = nn.WeightNorm(nn.Conv(channels, inner_channels, kernel, use_bias=False,
                                         kernel_init=init, rngs=rngs))
-    self.conv2 = nn.WeightNorm(nnx.Conv(inner_channels, channels, kernel, use_bias=False,
+    self.conv2 = nn.WeightNorm(nn.Conv(inner_channels, channels, kernel, use_bias=False,
                                         kernel_init=init, rngs=rngs))
     self.norm1 = nn.group_norm(inner_channels, num_groups, rngs=rngs)
     self.norm2 = nn.group_norm(channels, num_groups, rngs=rngs)
@@ -150,7 +150,9 @@ class ConvDEQConfig(ModelConfig):
     channels: state channels.
     inner_channels: hidden channels of the cell.
     num_groups: GroupNorm groups.
-    pool: average-pooling window (and stride) of the head.
+    stem_stride: stride of the stem convolution; 2 solves the equilibrium at half
+      the resolution (4x cheaper per iteration).
+    pool: average-pooling window (and stride) of the head, on the state map.
     dropout: variational dropout rate in the cell.
     unrolled_steps, solver, eval_solver, grad: as for :class:`jdeq.nn.DEQ`.
   """
@@ -159,6 +161,7 @@ class ConvDEQConfig(ModelConfig):
   channels: int = 48
   inner_channels: int = 64
   num_groups: int = 8
+  stem_stride: int = 1
   pool: int = 7
   dropout: float = 0.0
   unrolled_steps: int = 10
@@ -173,14 +176,18 @@ class ConvDEQConfig(ModelConfig):
     require_positive(self, num_classes=self.num_classes, channels=self.channels,
                      inner_channels=self.inner_channels, num_groups=self.num_groups,
                      pool=self.pool, unrolled_steps=self.unrolled_steps)
-    require(self.image_shape[0] % self.pool == 0 and self.image_shape[1] % self.pool == 0,
-            self, f"pool={self.pool} must divide the image size {self.image_shape[:2]}")
+    require(self.stem_stride in (1, 2), self,
+            f"stem_stride must be 1 or 2, got {self.stem_stride!r}")
+    state_size = [-(-size // self.stem_stride) for size in self.image_shape[:2]]
+    require(state_size[0] % self.pool == 0 and state_size[1] % self.pool == 0, self,
+            f"pool={self.pool} must divide the state size {tuple(state_size)}")
     require(0.0 <= self.dropout < 1.0, self, f"dropout must be in [0, 1), got "
             f"{self.dropout!r}")
 
   def build(self, *, rngs: nnx.Rngs) -> "DEQClassifier":
     height, width, in_channels = self.image_shape
-    stem = _ConvStem(in_channels, self.channels, rngs=rngs)
+    height, width = -(-height // self.stem_stride), -(-width // self.stem_stride)
+    stem = _ConvStem(in_channels, self.channels, stride=self.stem_stride, rngs=rngs)
     cell = ConvCell(self.channels, self.inner_channels, num_groups=self.num_groups,
                     dropout=self.dropout, rngs=rngs)
     pooled = (height // self.pool) * (width // self.pool) * self.channels
@@ -207,8 +214,10 @@ class _VectorHead(nnx.Module):
 
 
 class _ConvStem(nnx.Module):
-  def __init__(self, in_channels: int, channels: int, *, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(in_channels, channels, (3, 3), use_bias=False, rngs=rngs)
+  def __init__(self, in_channels: int, channels: int, *, stride: int = 1,
+               rngs: nnx.Rngs):
+    self.conv = nn.Conv(in_channels, channels, (3, 3), strides=stride, use_bias=False,
+                        rngs=rngs)
     self.norm = nnx.BatchNorm(channels, momentum=0.9, epsilon=nn.NORM_EPSILON, rngs=rngs)
 
   def __call__(self, images, *, train):

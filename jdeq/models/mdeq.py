@@ -151,7 +151,7 @@ def _conv(in_features: int, out_features: int, kernel: int, *, stride: int = 1,
           bias: bool = False, rngs: nnx.Rngs, kernel_init=SMALL_NORMAL) -> nnx.Conv:
   """A conv with PyTorch's symmetric padding ``kernel // 2`` and the reference init."""
   pad = kernel // 2
-  return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
+  return nn.Conv(in_features, out_features, (kernel, kernel), strides=stride,
                   padding=((pad, pad), (pad, pad)), use_bias=bias,
                   kernel_init=kernel_init, bias_init=SMALL_NORMAL, rngs=rngs)
 

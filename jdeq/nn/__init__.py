@@ -9,6 +9,7 @@
   :class:`UpsampleFusion`, :class:`DownsampleFusion`, :func:`group_norm`, …).
 """
 
+from jdeq.nn.conv import Conv
 from jdeq.nn.deq import DEQ, DEQAux, EquilibriumCell
 from jdeq.nn.dropout import variational_dropout_mask
 from jdeq.nn.multiscale import (NORM_EPSILON, DownsampleFusion, MultiscaleFusion,
@@ -19,7 +20,7 @@ from jdeq.nn.normalization import (SpectralNorm, SpectralVector, WeightNorm,
                                    kernel_norm)
 
 __all__ = (
-    "DEQ", "DEQAux", "DownsampleFusion", "EquilibriumCell", "MultiscaleFusion",
+    "Conv", "DEQ", "DEQAux", "DownsampleFusion", "EquilibriumCell", "MultiscaleFusion",
     "NORM_EPSILON", "SpectralNorm", "SpectralVector", "UpsampleFusion", "WeightNorm",
     "apply_layer", "bilinear_resize", "call_with_kernel", "effective_weight",
     "group_norm", "kernel_norm", "nearest_upsample", "variational_dropout_mask",

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdeq.nn.conv import Conv
+
 Initializer = Callable[..., jax.Array]
 
 #: PyTorch's GroupNorm/BatchNorm epsilon, used throughout to match the references.
@@ -46,7 +48,7 @@ class UpsampleFusion(nnx.Module):
                num_groups: int, affine: bool = True, kernel_init: Initializer,
                rngs: nnx.Rngs):
     self.factor = 2 ** levels
-    self.conv = nnx.Conv(in_channels, out_channels, (1, 1), use_bias=False,
+    self.conv = Conv(in_channels, out_channels, (1, 1), use_bias=False,
                          kernel_init=kernel_init, rngs=rngs)
     self.norm = group_norm(out_channels, num_groups, affine=affine, rngs=rngs)
 
@@ -68,7 +70,7 @@ class DownsampleFusion(nnx.Module):
                rngs: nnx.Rngs):
     widths = [in_channels] * levels + [out_channels]
     self.convs = nnx.List([
-        nnx.Conv(widths[k], widths[k + 1], (3, 3), strides=2, padding=((1, 1), (1, 1)),
+        Conv(widths[k], widths[k + 1], (3, 3), strides=2, padding=((1, 1), (1, 1)),
                  use_bias=False, kernel_init=kernel_init, rngs=rngs)
         for k in range(levels)])
     self.norms = nnx.List([group_norm(widths[k + 1], num_groups, affine=affine, rngs=rngs)

@@ -4,6 +4,7 @@ A run is ``fit(model, TrainConfig(...), train_batches=..., eval_batches=...,
 steps_per_epoch=..., workdir=...)``; the pieces are public for custom loops.
 """
 
+from jdeq.train.budgets import budget_sweep, restore_state
 from jdeq.train.checkpoint import CheckpointError, Checkpointer
 from jdeq.train.config import TrainConfig
 from jdeq.train.experiment import (ExperimentConfig, apply_overrides, model_config,
@@ -17,7 +18,7 @@ from jdeq.train.state import TrainState, create_train_state, num_params
 from jdeq.train.steps import make_eval_step, make_train_step
 
 __all__ = (
-    "CheckpointError", "Checkpointer", "EvalSums", "ExperimentConfig",
+    "CheckpointError", "Checkpointer", "budget_sweep", "restore_state", "EvalSums", "ExperimentConfig",
     "JacobianSchedule", "apply_overrides", "model_config", "parse_override",
     "run_experiment",
     "StepMetrics", "TrainConfig", "TrainState", "classification_sums",

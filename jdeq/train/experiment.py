@@ -88,24 +88,51 @@ def model_config(experiment: ExperimentConfig) -> Any:
   return base
 
 
+def replace_paths(obj: Any, assignments: Mapping[tuple[str, ...], Any], *,
+                  owner: str) -> Any:
+  """Applies several dotted-path assignments with one ``replace`` per dataclass.
+
+  Validation runs once on the final values, so interdependent fields can change
+  together (``train.epochs=None train.total_steps=500``).
+  """
+  if not dataclasses.is_dataclass(obj):
+    raise ValueError(f"{owner}: {type(obj).__name__} has no fields to override")
+  names = [f.name for f in dataclasses.fields(obj)]
+  direct, nested = {}, {}
+  for path, value in assignments.items():
+    if path[0] not in names:
+      raise ValueError(f"unknown option {owner}.{path[0]}; valid {owner} options: "
+                       f"{names}")
+    if len(path) == 1:
+      direct[path[0]] = value
+    else:
+      nested.setdefault(path[0], {})[path[1:]] = value
+  for head, sub in nested.items():
+    direct[head] = replace_paths(direct.get(head, getattr(obj, head)), sub,
+                                 owner=f"{owner}.{head}")
+  return dataclasses.replace(obj, **direct)
+
+
 def apply_overrides(experiment: ExperimentConfig,
                     overrides: Sequence[str]) -> ExperimentConfig:
   """Applies ``section.field=value`` strings, validating every key."""
+  by_section: dict[str, dict[tuple[str, ...], Any]] = {s: {} for s in SECTIONS}
   for text in overrides:
     key, value = parse_override(text)
     section, *path = key.split(".")
     if section not in SECTIONS or not path:
       raise ValueError(f"override {text!r}: the key must be section.field with "
                        f"section one of {list(SECTIONS)}")
-    if section == "model":
-      experiment = dataclasses.replace(
-          experiment, model_overrides={**experiment.model_overrides,
-                                       ".".join(path): value})
-      model_config(experiment)  # validates the key and value now
-    else:
-      experiment = dataclasses.replace(experiment, **{
-          section: replace_path(getattr(experiment, section), path, value,
-                                owner=section)})
+    by_section[section][tuple(path)] = value
+  if by_section["model"]:
+    experiment = dataclasses.replace(experiment, model_overrides={
+        **experiment.model_overrides,
+        **{".".join(path): value for path, value in by_section["model"].items()}})
+    model_config(experiment)  # validates the keys and values now
+  for section in ("data", "train"):
+    if by_section[section]:
+      experiment = dataclasses.replace(experiment, **{section: replace_paths(
+          getattr(experiment, section), by_section[section], owner=section)})
   return experiment
 
 

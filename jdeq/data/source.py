@@ -1,0 +1,201 @@
+"""Finding and opening TFDS datasets, and what is known about their size.
+
+Every read goes through ``tfds.builder(name, data_dir=...).as_dataset(...)`` with the
+data directory resolved as ``DataConfig.data_dir``, else ``TFDS_DATA_DIR``, else
+TFDS's default; nothing is ever downloaded here, so a prepared copy of a dataset (an
+offline data directory, a shared drive) is read exactly like one TFDS downloaded. A
+dataset that is not there raises :class:`DatasetNotFoundError` naming the dataset,
+the directory searched, and the two ways to point at the right one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jdeq.data.config import DataConfig
+from jdeq.data.specs import DatasetSpec, get_spec
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """The dataset is not prepared in the data directory that was searched."""
+
+
+class DatasetInfo(NamedTuple):
+  """What a model and a training loop need to know about a dataset.
+
+  ``num_train`` counts the training examples the pipeline draws from (after
+  ``train_split`` and ``imbalance``); ``num_test`` the evaluation split's.
+  """
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train: int
+  num_test: int
+
+
+def resolve_data_dir(data_dir: Optional[str]) -> Optional[str]:
+  """``data_dir``, else ``$TFDS_DATA_DIR``, else None (TFDS's default)."""
+  if data_dir:
+    return os.path.expanduser(data_dir)
+  return os.environ.get("TFDS_DATA_DIR") or None
+
+
+def _searched_dir(data_dir: Optional[str]) -> str:
+  if data_dir is not None:
+    return data_dir
+  from tensorflow_datasets.core import constants
+  return os.path.expanduser(constants.DATA_DIR)
+
+
+def not_found_error(spec: DatasetSpec, data_dir: Optional[str]) -> DatasetNotFoundError:
+  return DatasetNotFoundError(
+      f"dataset {spec.name!r} (TFDS {spec.tfds_name!r}) was not found in the data "
+      f"directory {_searched_dir(data_dir)!r}. Pass --data-dir (DataConfig.data_dir) "
+      f"pointing at a TFDS data directory that holds it, or set TFDS_DATA_DIR; to "
+      f"fetch it, run tfds.builder({spec.tfds_name!r}).download_and_prepare() once "
+      f"(ImageNet and Cityscapes need TFDS's manual download directory).")
+
+
+@functools.lru_cache(maxsize=16)
+def builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of registered dataset ``name`` (never downloads)."""
+  spec = get_spec(name)
+  try:
+    return tfds.builder(spec.tfds_name, data_dir=data_dir, try_gcs=False)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise not_found_error(spec, data_dir) from error
+
+
+def as_dataset(spec: DatasetSpec, data_dir: Optional[str], split: str, *,
+               decoders=None, read_config=None, shuffle_files: bool = False
+               ) -> tf.data.Dataset:
+  """``builder.as_dataset`` that reports a missing dataset clearly."""
+  try:
+    return builder(spec.name, data_dir).as_dataset(
+        split=split, decoders=decoders, read_config=read_config,
+        shuffle_files=shuffle_files)
+  except AssertionError as error:  # TFDS's way of saying "not prepared"
+    if "could not find data" in str(error):
+      raise not_found_error(spec, data_dir) from error
+    raise
+
+
+def subset_label_table(spec: DatasetSpec, data_dir: Optional[str]) -> np.ndarray:
+  """``table[parent_label] = subset_label`` (-1 outside the subset)."""
+  label_feature = builder(spec.name, data_dir).info.features[spec.label_key]
+  parent_labels = sorted(label_feature.str2int(wnid) for wnid in spec.class_subset)
+  table = np.full(label_feature.num_classes, -1, np.int64)
+  table[parent_labels] = np.arange(len(parent_labels))
+  return table
+
+
+def num_examples(spec: DatasetSpec, data_dir: Optional[str], split: str) -> int:
+  """Examples in ``split`` (a TFDS split string, slices allowed)."""
+  return _num_examples(spec.name, data_dir, split)
+
+
+@functools.lru_cache(maxsize=64)
+def _num_examples(name: str, data_dir: Optional[str], split: str) -> int:
+  spec = get_spec(name)
+  info = builder(name, data_dir).info
+  recorded = 0
+  try:
+    recorded = info.splits[split].num_examples
+  except (KeyError, ValueError):
+    pass  # no split metadata: a mocked or unprepared dataset
+  if recorded and spec.class_subset is None:
+    return recorded
+  if recorded and spec.num_examples and split in spec.num_examples:
+    return spec.num_examples[split]
+  dataset = as_dataset(spec, data_dir, split,
+                       decoders=tfds.decode.PartialDecoding({spec.label_key: True}))
+  if spec.class_subset is None:
+    cardinality = int(dataset.cardinality())
+    if cardinality >= 0:
+      return cardinality
+  # Counting pass over the labels only (small or mocked data).
+  table = subset_label_table(spec, data_dir) if spec.class_subset else None
+  count = 0
+  for batch in dataset.batch(4096).as_numpy_iterator():
+    labels = batch[spec.label_key]
+    count += len(labels) if table is None else int(np.sum(table[labels] >= 0))
+  return count
+
+
+def load_in_memory(spec: DatasetSpec, data_dir: Optional[str], split: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """The whole split decoded once: ``(images uint8 (N,H,W,C), labels int32 (N,))``.
+
+  Cached per process, so training, evaluation and repeated pipelines decode each
+  split once (CIFAR-10's 60k PNGs take a few seconds; see the package docstring).
+  """
+  return _load_in_memory(spec.name, data_dir, split)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_in_memory(name: str, data_dir: Optional[str], split: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  spec = get_spec(name)
+  dataset = as_dataset(spec, data_dir, split,
+                       decoders={spec.image_key: tfds.decode.SkipDecoding()})
+  channels = spec.image_shape[-1]
+
+  def decode(example):
+    image = tf.io.decode_image(example[spec.image_key], channels=channels,
+                               expand_animations=False)
+    return image, tf.cast(example[spec.label_key], tf.int32)
+
+  dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True).batch(2048)
+  images, labels = [], []
+  for image_chunk, label_chunk in dataset.as_numpy_iterator():
+    images.append(image_chunk)
+    labels.append(label_chunk)
+  if not images:
+    raise ValueError(f"split {split!r} of dataset {spec.name!r} is empty")
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  images.setflags(write=False)
+  labels.setflags(write=False)
+  return images, labels
+
+
+def dataset_info(cfg: DataConfig) -> DatasetInfo:
+  """Number of classes, emitted image shape and split sizes of ``cfg``'s data."""
+  from jdeq.data import imbalance as imbalance_lib
+  spec = get_spec(cfg.name)
+  data_dir = resolve_data_dir(cfg.data_dir)
+  train_split = cfg.train_split or spec.train_split
+  if cfg.imbalance is not None:
+    num_train = int(sum(imbalance_lib.class_counts(cfg)))
+  else:
+    num_train = num_examples(spec, data_dir, train_split)
+  num_test = num_examples(spec, data_dir, spec.eval_split)
+  return DatasetInfo(num_classes=spec.num_classes,
+                     image_shape=output_image_shape(cfg),
+                     num_train=num_train, num_test=num_test)
+
+
+def clear_cache() -> None:
+  """Forgets the decoded in-memory splits, split sizes and TFDS builders."""
+  _load_in_memory.cache_clear()
+  _num_examples.cache_clear()
+  builder.cache_clear()
+
+
+def output_image_shape(cfg: DataConfig) -> tuple[int, int, int]:
+  """``(H, W, C)`` of the training images ``cfg`` produces."""
+  spec = get_spec(cfg.name)
+  if cfg.image_size is None:
+    return spec.image_shape
+  size = cfg.image_size
+  height, width = (size, size) if isinstance(size, int) else tuple(size)
+  if spec.augmentation == "crop" and (height, width) != spec.image_shape[:2]:
+    raise ValueError(f"DataConfig: image_size {size!r} is not supported for "
+                     f"{spec.name!r}, whose images stay at their stored size "
+                     f"{spec.image_shape[:2]}")
+  return (height, width, spec.image_shape[-1])

@@ -1,0 +1,98 @@
+"""Weight normalization, spectral normalization and variational dropout masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jdeq import nn
+
+
+def _layers():
+  rngs = nnx.Rngs(0)
+  return [nnx.Linear(6, 5, rngs=rngs), nnx.Conv(3, 4, (3, 3), rngs=rngs)]
+
+
+@pytest.mark.parametrize("layer", _layers(), ids=["linear", "conv"])
+def test_weight_norm_preserves_direction_and_gain(layer):
+  wrapped = nn.WeightNorm(layer)
+  v = layer.kernel[...]
+  # At initialisation the gain is ‖v‖, so the layer is unchanged.
+  np.testing.assert_allclose(wrapped.weight(), v, rtol=1e-6, atol=1e-7)
+
+  gain = jax.random.uniform(jax.random.key(1), wrapped.gain.shape, minval=0.5, maxval=2.0)
+  wrapped.gain[...] = gain
+  w = wrapped.weight()
+  axes = tuple(range(w.ndim - 1))
+  # Each output channel keeps the direction of v and has norm exactly g.
+  np.testing.assert_allclose(nn.kernel_norm(w), gain, rtol=1e-5)
+  np.testing.assert_allclose(w / nn.kernel_norm(w), v / nn.kernel_norm(v),
+                             rtol=1e-5, atol=1e-6)
+  # Rescaling v does not change w: only its direction matters.
+  layer.kernel[...] = 3.0 * v
+  np.testing.assert_allclose(wrapped.weight(), w, rtol=1e-5, atol=1e-6)
+  assert axes  # at least one reduced axis
+
+
+def test_weight_norm_layer_output_and_gradients():
+  layer = nnx.Conv(3, 4, (3, 3), use_bias=True, rngs=nnx.Rngs(0))
+  wrapped = nn.WeightNorm(layer)
+  x = jax.random.normal(jax.random.key(2), (2, 5, 5, 3))
+  reference = layer(x)
+  np.testing.assert_allclose(wrapped(x), reference, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(wrapped(x, wrapped.weight()), reference, rtol=1e-5, atol=1e-6)
+
+  def loss(module):
+    return jnp.sum(module(x) ** 2)
+  grads = nnx.grad(loss)(wrapped)
+  assert float(jnp.abs(grads.gain[...]).sum()) > 0
+  assert float(jnp.abs(grads.layer.kernel[...]).sum()) > 0
+  # The gradient of v is orthogonal to v per channel (w depends on v's direction only).
+  v = layer.kernel[...]
+  radial = jnp.sum(grads.layer.kernel[...] * v, axis=(0, 1, 2))
+  np.testing.assert_allclose(radial, 0.0, atol=1e-4)
+
+
+def test_call_with_kernel_leaves_the_layer_untouched():
+  layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  before = np.asarray(layer.kernel[...])
+  out = nn.call_with_kernel(layer, jnp.ones((1, 3)), jnp.zeros((3, 2)))
+  np.testing.assert_allclose(out, layer.bias[...][None])
+  np.testing.assert_array_equal(layer.kernel[...], before)
+
+
+def test_normalizations_reject_layers_without_kernel():
+  with pytest.raises(ValueError, match="kernel"):
+    nn.WeightNorm(nnx.LayerNorm(3, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="kernel"):
+    nn.SpectralNorm(nnx.LayerNorm(3, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="power_iterations"):
+    nn.SpectralNorm(nnx.Linear(3, 3, rngs=nnx.Rngs(0)), power_iterations=0,
+                    rngs=nnx.Rngs(0))
+
+
+def test_spectral_norm_converges_to_unit_spectral_norm():
+  layer = nnx.Conv(4, 6, (3, 3), rngs=nnx.Rngs(0))
+  wrapped = nn.SpectralNorm(layer, power_iterations=2, rngs=nnx.Rngs(1))
+  vector = np.asarray(wrapped.vector[...])
+  wrapped.weight()  # no update outside training
+  np.testing.assert_array_equal(wrapped.vector[...], vector)
+  for _ in range(30):
+    w = wrapped.weight(update=True)
+  sigma = np.linalg.svd(np.asarray(w).reshape(-1, 6), compute_uv=False)[0]
+  assert abs(sigma - 1.0) < 1e-3
+  assert not np.array_equal(wrapped.vector[...], vector)
+
+
+def test_variational_dropout_mask():
+  rate = 0.25
+  mask = nn.variational_dropout_mask(jax.random.key(0), 64, 32, rate)
+  assert mask.shape == (64, 1, 1, 32)
+  values = np.unique(np.asarray(mask))
+  np.testing.assert_allclose(values, [0.0, 1.0 / (1.0 - rate)], rtol=1e-6)
+  assert abs(float(mask.mean()) - 1.0) < 0.05
+  assert nn.variational_dropout_mask(jax.random.key(0), 2, 3, 0.5,
+                                     spatial_dims=0).shape == (2, 3)
+  with pytest.raises(ValueError, match="rate"):
+    nn.variational_dropout_mask(jax.random.key(0), 2, 3, 1.0)
