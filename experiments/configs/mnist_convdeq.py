@@ -25,9 +25,9 @@ def mnist_convdeq() -> ExperimentConfig:
                        "eval_solver": jdeq.Anderson(max_iter=12, tol=1e-3),
                        "grad": jdeq.Phantom(k=4, damping=0.5)},
       data=data.DataConfig(name="mnist", batch_size=128, augment=False),
-      train=TrainConfig(optimizer="adam", lr=2e-3, schedule="cosine", epochs=2,
+      train=TrainConfig(optimizer="adam", lr=2e-3, schedule="cosine", epochs=1,
                         warmup_steps=50, pretrain_steps=100, log_every=10,
                         checkpoint_every=200, max_minutes=8.5),
       description="conv_deq_mnist (16/32 channels, phantom gradients), Adam 2e-3 "
-                  "with cosine decay over 2 epochs, batch 128, 100 unrolled "
+                  "with cosine decay over 1 epoch, batch 128, 100 unrolled "
                   "warm-up steps.")

@@ -407,9 +407,7 @@ class MDEQ(nnx.Module):
     """
     self._check_images(images)
     x = self.stem(images, train=train)
-    dropout_key = self.rngs.dropout() if train and self.config.dropout > 0 else None
-    jacobian_key = self.rngs.jacobian() if jac_probes else None
-    z_star, aux = self.deq(x, train=train, unrolled=unrolled, budget=budget,
-                           jac_probes=jac_probes, dropout_key=dropout_key,
-                           jacobian_key=jacobian_key)
+    z_star, aux = self.deq.call_with_rngs(
+        x, self.rngs, train=train, unrolled=unrolled, budget=budget,
+        jac_probes=jac_probes, uses_dropout=self.config.dropout > 0)
     return self.head(z_star, train=train, output_size=images.shape[1:3]), aux

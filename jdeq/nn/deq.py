@@ -157,3 +157,18 @@ class DEQ(nnx.Module):
     else:
       jac_loss = jnp.zeros((batch,), jnp.float32)
     return z_star, DEQAux(stats, jac_loss)
+
+  def call_with_rngs(self, injection: PyTree, rngs: nnx.Rngs, *, train: bool,
+                     unrolled: bool, budget: Optional[jax.Array], jac_probes: int,
+                     uses_dropout: bool) -> tuple[PyTree, DEQAux]:
+    """:meth:`__call__` with its keys drawn from a model's ``nnx.Rngs`` streams.
+
+    The ``dropout`` stream is drawn only when training a cell with dropout and the
+    ``jacobian`` stream only when probes are requested, so a model's randomness
+    (and thus a resumed run) does not depend on unused draws.
+    """
+    dropout_key = rngs.dropout() if train and uses_dropout else None
+    jacobian_key = rngs.jacobian() if jac_probes else None
+    return self(injection, train=train, unrolled=unrolled, budget=budget,
+                jac_probes=jac_probes, dropout_key=dropout_key,
+                jacobian_key=jacobian_key)

@@ -45,25 +45,60 @@ def circular_conv_transpose(y: jax.Array, kernel: jax.Array) -> jax.Array:
   return circular_conv(y, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
 
 
-def circular_conv_norm(kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
-  """Exact spectral norm of :func:`circular_conv` with ``kernel`` on an ``H×W`` grid.
+def circular_conv_symbol(kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """``K̂(ω)`` for every frequency of an ``H×W`` grid, shape ``(H, W, C_in, C_out)``.
 
   Kernels larger than the grid wrap around; the DFT below sums the aliased taps, so
-  the result stays exact for any grid size.
+  the symbol is exact for any grid size.
   """
   kh, kw = kernel.shape[:2]
   height, width = grid
 
   def phases(size: int, taps: int) -> np.ndarray:
     offsets = np.arange(taps) - taps // 2
-    freqs = np.arange(size)
-    return np.exp(-2j * np.pi * np.outer(freqs, offsets) / size)
+    return np.exp(-2j * np.pi * np.outer(np.arange(size), offsets) / size)
 
-  symbol = jnp.einsum("ua,vb,abio->uvio", phases(height, kh), phases(width, kw),
-                      kernel.astype(jnp.result_type(kernel.dtype, jnp.complex64)))
+  return jnp.einsum("ua,vb,abio->uvio", phases(height, kh), phases(width, kw),
+                    kernel.astype(jnp.result_type(kernel.dtype, jnp.complex64)))
+
+
+def circular_conv_norm(kernel: jax.Array, grid: tuple[int, int], *,
+                       squarings: int = 6) -> jax.Array:
+  """A certified upper bound on the spectral norm of :func:`circular_conv`.
+
+  With ``M_ω = K̂(ω)ᴴK̂(ω)`` (positive semi-definite, ``n × n``) and ``p = 2^squarings``,
+
+    ‖W‖₂² = max_ω λ_max(M_ω) ≤ (max_ω tr M_ω^p)^{1/p} ≤ n^{1/p} ‖W‖₂²,
+
+  computed by repeated squaring with a rescaling at every step (so nothing
+  overflows): ``‖W‖₂ ≤ bound ≤ n^{1/2p} ‖W‖₂`` (≤ 2.7% slack for ``n = 32``, ``p = 64``). Unlike an
+  eigendecomposition (slow for thousands of small complex matrices on CPU) or power
+  iteration (a *lower* estimate), this is cheap, smooth and never underestimates.
+  """
+  symbol = circular_conv_symbol(kernel, grid)
+  if symbol.shape[-2] > symbol.shape[-1]:  # the smaller Gram matrix has the same norm
+    symbol = jnp.swapaxes(symbol, -1, -2)
+  gram = jnp.einsum("uvio,uvip->uvop", jnp.conj(symbol), symbol)
+
+  def largest_trace(m):
+    return jnp.max(jnp.real(jnp.trace(m, axis1=-2, axis2=-1)))
+
+  log_bound = jnp.zeros((), kernel.dtype)
+  for j in range(squarings):
+    scale = largest_trace(gram)
+    log_bound = log_bound + jnp.log(scale) / 2 ** j
+    gram = gram / scale
+    gram = gram @ gram
+  log_bound = log_bound + jnp.log(largest_trace(gram)) / 2 ** squarings
+  return jnp.exp(0.5 * log_bound).astype(kernel.dtype)
+
+
+def circular_conv_norm_exact(kernel: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """The exact norm ``max_ω σ_max(K̂(ω))`` by eigendecomposition (slow; for tests)."""
+  symbol = circular_conv_symbol(kernel, grid)
   gram = jnp.einsum("uvio,uvjo->uvij", jnp.conj(symbol), symbol)
-  largest = jnp.max(jnp.linalg.eigvalsh(gram))
-  return jnp.sqrt(jnp.maximum(largest, 0.0)).astype(kernel.dtype)
+  return jnp.sqrt(jnp.maximum(jnp.max(jnp.linalg.eigvalsh(gram)), 0.0)).astype(
+      kernel.dtype)
 
 
 def matrix_norm(matrix: jax.Array) -> jax.Array:
@@ -72,7 +107,7 @@ def matrix_norm(matrix: jax.Array) -> jax.Array:
 
 
 class SpectralConv(nnx.Module):
-  """A circular convolution ``W`` with ``‖W‖₂ = max_norm · sigmoid(gain) < max_norm``.
+  """A circular convolution ``W`` with ``‖W‖₂ ≤ max_norm · sigmoid(gain) < max_norm``.
 
   Attributes:
     kernel: the free direction ``V`` (HWIO).

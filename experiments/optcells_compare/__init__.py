@@ -1,0 +1,1 @@
+"""MOptEqs vs GEQ vs MDEQ-Tiny on CIFAR-10 under one training budget."""
