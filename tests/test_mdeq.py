@@ -128,6 +128,7 @@ def test_tiny_under_nnx_jit_and_value_and_grad(tiny_quick):
     tiny_quick(jnp.zeros((1, 32, 32, 1)), train=False)
 
 
+@pytest.mark.slow  # ~35 s on 2 cores
 def test_segmentation_variant_runs():
   """Fast stand-in for the Cityscapes model: same code, two narrow branches."""
   seg = models.create("mdeq_cityscapes_small", rngs=nnx.Rngs(0), channels=(8, 16),

@@ -290,6 +290,7 @@ TINY = dict(image_shape=(8, 8, 3), stem_channels=8, channels=(4, 4), head_channe
             num_classes=3)
 
 
+@pytest.mark.slow  # ~60 s on 2 cores; the gradient checks exercise both models too
 @pytest.mark.parametrize("family", ["mopteqs", "geq"])
 def test_model_contract(family):
   model = models.create(f"{family}_cifar10", rngs=nnx.Rngs(0), **TINY)
