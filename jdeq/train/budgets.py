@@ -18,16 +18,12 @@ from flax import nnx
 
 from jdeq.train import metrics as metrics_lib
 from jdeq.train.state import TrainState
+from jdeq.train.steps import evaluate_model
 
 
 def _budget_eval_step():
   def eval_fn(state: TrainState, batch, budget):
-    model = nnx.merge(state.graphdef, state.params, state.model_state, copy=True)
-    logits, aux = model(batch["image"], train=False, unrolled=False, budget=budget,
-                        jac_probes=0)
-    mask = batch.get("mask")
-    if mask is None:
-      mask = jnp.ones(batch["label"].shape[:1], jnp.float32)
+    logits, aux, mask = evaluate_model(state, batch, budget)
     _, correct, weight = metrics_lib.classification_sums(logits, batch["label"], mask)
     return correct, weight, aux.stats.trace, aux.stats.nstep, mask
 

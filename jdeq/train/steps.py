@@ -122,6 +122,22 @@ def make_train_step(optimizer: optax.GradientTransformation,
                  donate_argnums=(0,) if donate else ())
 
 
+def evaluate_model(state: TrainState, batch: Batch,
+                   budget: Optional[jax.Array] = None):
+  """The model in evaluation mode on ``batch``: ``(logits, aux, sample_mask)``.
+
+  ``budget`` hard-stops the forward solve (traced; no recompilation per value).
+  The mask is the batch's ``"mask"`` (padded samples 0) or all ones.
+  """
+  model = nnx.merge(state.graphdef, state.params, state.model_state, copy=True)
+  logits, aux = model(batch["image"], train=False, unrolled=False, budget=budget,
+                      jac_probes=0)
+  mask = batch.get("mask")
+  if mask is None:
+    mask = jnp.ones(batch["label"].shape[:1], jnp.float32)
+  return logits, aux, mask
+
+
 def make_eval_step(*, mesh: Optional[Mesh] = None) -> EvalStep:
   """Builds ``eval_step(state, batch) -> EvalSums``, jitted.
 
@@ -131,12 +147,7 @@ def make_eval_step(*, mesh: Optional[Mesh] = None) -> EvalStep:
   """
 
   def eval_fn(state: TrainState, batch: Batch) -> metrics_lib.EvalSums:
-    model = nnx.merge(state.graphdef, state.params, state.model_state, copy=True)
-    logits, aux = model(batch["image"], train=False, unrolled=False, budget=None,
-                        jac_probes=0)
-    mask = batch.get("mask")
-    if mask is None:
-      mask = jnp.ones(batch["label"].shape[:1], jnp.float32)
+    logits, aux, mask = evaluate_model(state, batch)
     loss, correct, weight = metrics_lib.classification_sums(
         logits, batch["label"], mask)
     nfe, residual, residual_max, converged, samples = metrics_lib.solver_summary(
