@@ -42,3 +42,12 @@ def test_accuracy_per_budget_and_iterations_to_tolerance():
 def test_needs_recorded_traces():
   with pytest.raises(ValueError, match="record_trace"):
     budget_sweep(_state(record_trace=False), _batches(), budgets=[2])
+
+
+def test_iterations_to_tolerance_are_not_capped_by_the_swept_budgets():
+  # Sweeping budgets 1..2 must not stop the traces at 2 evaluations: the counts
+  # come from a pass at the solver's own max_iter (6).
+  result = budget_sweep(_state(), _batches(), budgets=[1, 2], tolerances=(1e-1,))
+  trace = result["mean_trace"]
+  assert len(trace) == 6
+  assert trace[5] < trace[1]

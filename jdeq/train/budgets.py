@@ -53,17 +53,21 @@ def budget_sweep(state: TrainState, batches: Iterable[Mapping[str, np.ndarray]],
   step = _budget_eval_step()
   batches = list(batches)
   accuracy = {}
-  traces, masks = [], []
   for k in budgets:
     correct = weight = 0.0
     for batch in batches:
-      c, w, trace, _, mask = step(state, batch, jnp.int32(k))
+      c, w, _, _, _ = step(state, batch, jnp.int32(k))
       correct += float(c)
       weight += float(w)
-      if k == max(budgets):
-        traces.append(np.asarray(trace))
-        masks.append(np.asarray(mask) > 0)
     accuracy[int(k)] = correct / max(weight, 1.0)
+  # Iterations to tolerance come from a separate pass at the solver's own budget
+  # (the traced budget is clipped to max_iter): a hard stop at the largest swept
+  # budget would cap every count at that budget.
+  traces, masks = [], []
+  for batch in batches:
+    _, _, trace, _, mask = step(state, batch, jnp.int32(np.iinfo(np.int32).max))
+    traces.append(np.asarray(trace))
+    masks.append(np.asarray(mask) > 0)
   trace = np.concatenate(traces)[np.concatenate(masks)]
   if trace.shape[1] == 0:
     raise ValueError("budget_sweep needs an evaluation solver with record_trace=True")
