@@ -111,6 +111,43 @@ def test_circular_conv_norm_is_exact_and_transpose_is_adjoint(x64, grid):
       jnp.vdot(x, ops_lib.circular_conv_transpose(y, kernel)), rtol=1e-10)
 
 
+@pytest.mark.parametrize("grid, channels", [((6, 4), (4, 5)), ((2, 2), (3, 3)),
+                                           ((5, 7), (5, 2))])
+def test_spectral_application_is_the_circular_conv(x64, grid, channels):
+  """The cells apply W, Wᵀ and WᵀW through the real FFT (one matrix per frequency);
+  that is the same linear map as the spatial circular convolution, on even and odd
+  grids and grids smaller than the kernel."""
+  c_in, c_out = channels
+  kernel = jax.random.normal(jax.random.PRNGKey(0), (3, 3, c_in, c_out), jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + grid + (c_in,), jnp.float64)
+  y = jax.random.normal(jax.random.PRNGKey(2), (2,) + grid + (c_out,), jnp.float64)
+  symbol = ops_lib.circular_conv_symbol(kernel, grid, half=True)
+  assert symbol.shape == (grid[0], grid[1] // 2 + 1, c_in, c_out)
+  np.testing.assert_allclose(ops_lib.spectral_conv(x, symbol),
+                             ops_lib.circular_conv(x, kernel), atol=1e-12)
+  np.testing.assert_allclose(ops_lib.spectral_conv(y, symbol, adjoint=True),
+                             ops_lib.circular_conv_transpose(y, kernel), atol=1e-12)
+  np.testing.assert_allclose(
+      ops_lib.spectral_conv(x, ops_lib.spectral_gram(symbol)),
+      ops_lib.circular_conv_transpose(ops_lib.circular_conv(x, kernel), kernel),
+      atol=1e-12)
+  # the half-grid symbol is the full one restricted to the real-FFT frequencies
+  full = ops_lib.circular_conv_symbol(kernel, grid)
+  np.testing.assert_allclose(symbol, full[:, :grid[1] // 2 + 1], atol=1e-12)
+
+
+def test_norm_bound_gradient_matches_finite_differences(x64):
+  """The bound is differentiated through its maximizing frequency only: that is the
+  exact gradient of the maximum over the grid."""
+  kernel = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 4, 5), jnp.float64)
+  direction = jax.random.normal(jax.random.PRNGKey(4), kernel.shape, jnp.float64)
+  for grid in ((8, 8), (6, 4), (2, 2)):
+    bound = jax.jit(lambda k: ops_lib.circular_conv_norm(k, grid))
+    gradient = jax.jit(jax.grad(lambda k: ops_lib.circular_conv_norm(k, grid)))(kernel)
+    expected = directional_difference(bound, kernel, direction, eps=1e-6)
+    np.testing.assert_allclose(jnp.vdot(gradient, direction), expected, rtol=1e-7)
+
+
 def test_spectral_parameterization_bounds_every_operator(x64):
   cell = make_cell("mopteqs", saturate=True)
   x = random_input(jax.random.PRNGKey(0))
@@ -137,6 +174,8 @@ def test_down_sampling_adjoint(x64):
 
 @pytest.mark.parametrize("kind", CELLS + ("geq_coupled",))
 def test_closed_form_gradient_matches_autodiff_of_objective(x64, kind):
+  # The values use the spatial circular convolutions, the closed-form gradients
+  # (the cell map) their real-FFT symbols: this also checks the two agree.
   cell = make_cell(kind)
   x = random_input(jax.random.PRNGKey(1))
   z = random_state(jax.random.PRNGKey(2), cell, x)

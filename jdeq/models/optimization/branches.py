@@ -23,6 +23,14 @@ a channel map ``P_i``:
 so the down-sampling map ``D_i`` carries a branch to the next coarser one and its
 adjoint ``D_iᵀ`` (nearest upsampling) carries information back. See
 ``docs/optimization_cells.md`` for the derivation and the convexity conditions.
+
+Two implementations of the same operators: the values ``G_s`` use the spatial
+circular convolutions (the definition), the gradients — hence the cell map, which
+runs inside the solver loops — apply ``W``, ``WᵀW``, ``W_h`` and ``W_hᵀ`` through
+the real FFT (:func:`~jdeq.models.optimization.operators.spectral_product`),
+where a circular convolution is one small matrix per frequency. The tests check the
+closed-form gradients against autodiff of the values, so they also check that the
+two implementations agree.
 """
 
 from __future__ import annotations
@@ -39,24 +47,26 @@ from jdeq.models.optimization.objective import Objective, per_sample_inner, per_
 Operators = Mapping[str, Any]
 
 
-def _quadratic_part(z: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(½‖z‖² − ½‖Wz‖², z − WᵀWz)`` per sample, shared by both kernels."""
+def _quadratic_value(z: jax.Array, w: jax.Array) -> jax.Array:
+  """``½‖z‖² − ½‖Wz‖²`` per sample (spatial), shared by both kernels."""
   wz = ops_lib.circular_conv(z, w)
-  value = 0.5 * per_sample_inner(z, z) - 0.5 * per_sample_inner(wz, wz)
-  return value, z - ops_lib.circular_conv_transpose(wz, w)
+  return 0.5 * per_sample_inner(z, z) - 0.5 * per_sample_inner(wz, wz)
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearKernelBranch:
-  """OptEq's branch: operators ``{"w": W's kernel, "injection": Ux + b}``."""
+  """OptEq's branch: operators ``{"w": W's kernel, "w_gram": the real-FFT symbol of
+  WᵀW (:func:`~jdeq.models.optimization.operators.spectral_gram`), "injection": Ux + b}``.
+  """
 
   def value(self, z: jax.Array, operators: Operators) -> jax.Array:
-    quadratic, _ = _quadratic_part(z, operators["w"])
-    return quadratic - per_sample_inner(operators["injection"], z)
+    return (_quadratic_value(z, operators["w"])
+            - per_sample_inner(operators["injection"], z))
 
   def gradient(self, z: jax.Array, operators: Operators) -> jax.Array:
-    _, gradient = _quadratic_part(z, operators["w"])
-    return gradient - operators["injection"]
+    mixed = ops_lib.from_spectrum(ops_lib.spectral_product(
+        ops_lib.to_spectrum(z), operators["w_gram"]), z.shape[1:3])  # WᵀWz
+    return z - mixed - operators["injection"]
 
 
 def _per_position(values: jax.Array) -> jax.Array:
@@ -66,10 +76,13 @@ def _per_position(values: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class GaussianKernelBranch:
-  """GEQ's branch: operators ``{"w", "w_h", "x", "bias", "gamma"}``.
+  """GEQ's branch: operators ``{"w", "w_gram", "w_h", "w_h_symbol", "x", "bias",
+  "gamma"}``.
 
-  ``w_h`` maps the state (``C`` channels) to the input space (``C_x`` channels),
-  ``x`` is the branch input ``(B, H, W, C_x)``, ``gamma`` the per-sample width ``(B,)``.
+  ``w_h`` maps the state (``C`` channels) to the input space (``C_x`` channels) and
+  ``w_h_symbol`` is its real-FFT symbol, ``w``/``w_gram`` as in
+  :class:`LinearKernelBranch`, ``x`` is the branch input ``(B, H, W, C_x)``,
+  ``gamma`` the per-sample width ``(B,)``.
   """
 
   def distances(self, z: jax.Array, operators: Operators) -> jax.Array:
@@ -78,21 +91,25 @@ class GaussianKernelBranch:
     return jnp.sum(jnp.square(residual), axis=-1, keepdims=True)
 
   def value(self, z: jax.Array, operators: Operators) -> jax.Array:
-    quadratic, _ = _quadratic_part(z, operators["w"])
     gamma = _per_position(operators["gamma"])
     # (1 − e^{−γd}) / 2γ, computed with expm1 so the γ → 0 limit keeps its digits.
     kernel = -jnp.expm1(-gamma * self.distances(z, operators)) / (2 * gamma)
-    return (quadratic - per_sample_inner(jnp.broadcast_to(operators["bias"], z.shape), z)
+    return (_quadratic_value(z, operators["w"])
+            - per_sample_inner(jnp.broadcast_to(operators["bias"], z.shape), z)
             + per_sample_sum(kernel))
 
   def gradient(self, z: jax.Array, operators: Operators) -> jax.Array:
-    _, gradient = _quadratic_part(z, operators["w"])
-    w_h = operators["w_h"]
-    residual = operators["x"] - ops_lib.circular_conv(z, w_h)
+    grid = z.shape[1:3]
+    z_hat = ops_lib.to_spectrum(z)  # shared by WᵀWz and W_h z
+    residual = operators["x"] - ops_lib.from_spectrum(
+        ops_lib.spectral_product(z_hat, operators["w_h_symbol"]), grid)
     distances = jnp.sum(jnp.square(residual), axis=-1, keepdims=True)
     weights = jnp.exp(-_per_position(operators["gamma"]) * distances)
-    return (gradient - operators["bias"]
-            - ops_lib.circular_conv_transpose(weights * residual, w_h))
+    # WᵀWz + W_hᵀ[w ⊙ (x − W_h z)], summed in the frequency domain: one inverse FFT.
+    mixed = (ops_lib.spectral_product(z_hat, operators["w_gram"])
+             + ops_lib.spectral_product(ops_lib.to_spectrum(weights * residual),
+                                        operators["w_h_symbol"], adjoint=True))
+    return z - ops_lib.from_spectrum(mixed, grid) - operators["bias"]
 
 
 def down(z: jax.Array, matrix: jax.Array) -> jax.Array:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdeq.models.optimization import operators as ops_lib
-from jdeq.nn import DEQ, DEQAux, WeightNorm, group_norm
+from jdeq.nn import DEQ, Conv, DEQAux, WeightNorm, group_norm
 
 
 def group_count(channels: int, preferred: int = 8) -> int:
@@ -38,8 +38,8 @@ class Stem(nnx.Module):
                rngs: nnx.Rngs):
     strides = {1: (1, 1), 2: (2, 1), 4: (2, 2)}[stride]
     self.convs = nnx.List([
-        nnx.Conv(c_in, channels, (3, 3), strides=s, padding="SAME", use_bias=False,
-                 rngs=rngs)
+        Conv(c_in, channels, (3, 3), strides=s, padding="SAME", use_bias=False,
+             rngs=rngs)
         for c_in, s in zip((in_channels, channels), strides)])
     self.norms = nnx.List([group_norm(channels, group_count(channels), rngs=rngs)
                            for _ in strides])
@@ -62,7 +62,7 @@ class FusionHead(nnx.Module):
 
   def __init__(self, branch_channels: Sequence[int], channels: int,
                num_classes: int, *, dropout: float, rngs: nnx.Rngs):
-    self.projections = nnx.List([WeightNorm(nnx.Conv(c, channels, (1, 1), rngs=rngs))
+    self.projections = nnx.List([WeightNorm(Conv(c, channels, (1, 1), rngs=rngs))
                                  for c in branch_channels])
     self.norm = group_norm(channels, group_count(channels), rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)

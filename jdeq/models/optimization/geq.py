@@ -116,8 +116,10 @@ class GEQCell(OptimizationCell):
         gamma = kernel_width(x_level, self.gamma_scale)
       else:
         gamma = jnp.full((x.shape[0],), self.fixed_gamma, x.dtype)
-      branches.append({"w": mixing.normalized_kernel(grid),
-                       "w_h": reconstruction.normalized_kernel(grid),
+      w, w_symbol = mixing.normalized(grid)
+      w_h, w_h_symbol = reconstruction.normalized(grid)
+      branches.append({"w": w, "w_gram": ops_lib.spectral_gram(w_symbol),
+                       "w_h": w_h, "w_h_symbol": w_h_symbol,
                        "x": x_level, "bias": bias[...].astype(x.dtype),
                        "gamma": gamma})
     return {"branches": tuple(branches),

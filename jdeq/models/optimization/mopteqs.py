@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdeq.nn import WeightNorm
+from jdeq.nn import Conv, WeightNorm
 
 from jdeq.models.optimization import operators as ops_lib
 from jdeq.models.optimization.branches import LinearKernelBranch, MultiBranchObjective
@@ -58,7 +58,7 @@ class MOptEqsCell(OptimizationCell):
         ops_lib.SpectralConv(c, c, max_norm=max_norm, init_norm=max_norm / 2,
                              rngs=rngs) for c in channels])
     self.injection = nnx.List([
-        WeightNorm(nnx.Conv(in_channels, c, (3, 3), padding="SAME", rngs=rngs))
+        WeightNorm(Conv(in_channels, c, (3, 3), padding="SAME", rngs=rngs))
         for c in channels])
     self.down_maps = nnx.List([
         ops_lib.SpectralChannelMap(c_fine, c_coarse, rngs=rngs)
@@ -70,7 +70,8 @@ class MOptEqsCell(OptimizationCell):
     branches = []
     for level, (mixing, injection) in enumerate(zip(self.mixing, self.injection)):
       x_level = ops_lib.resample(x, level)
-      branches.append({"w": mixing.normalized_kernel(x_level.shape[1:3]),
+      kernel, symbol = mixing.normalized(x_level.shape[1:3])
+      branches.append({"w": kernel, "w_gram": ops_lib.spectral_gram(symbol),
                        "injection": injection(x_level)})
     return {"branches": tuple(branches),
             "down": tuple(m.normalized_matrix() for m in self.down_maps)}
