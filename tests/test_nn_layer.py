@@ -145,3 +145,20 @@ def test_same_mask_in_every_iteration_and_in_the_backward_pass(x64):
   numeric = helpers.directional_difference(loss, params, direction, eps=1e-5)
   analytic = helpers.tree_vdot(grad, direction)
   assert abs(float(analytic - numeric)) / abs(float(numeric)) < 1e-5
+
+
+@pytest.mark.parametrize("grad", [jdeq.Phantom(k=3, damping=0.5), jdeq.JFB()])
+def test_evaluation_returns_the_solver_output_without_gradient_steps(grad):
+  # An unconverged solve, so that extra map evaluations would change the output.
+  solver = jdeq.Anderson(max_iter=2, tol=1e-12)
+  layer = _layer(solver=solver, eval_solver=solver, grad=grad)
+  reference = _layer(solver=solver, eval_solver=solver)  # IFT: output = z*
+  x = _injection()
+  z_eval, _ = layer(x, train=False)
+  np.testing.assert_array_equal(z_eval, reference(x, train=False)[0])
+  z_train, _ = layer(x, train=True)
+  assert float(jnp.max(jnp.abs(z_train - z_eval))) > 1e-4
+  # Differentiated anyway, the evaluation output has the implicit gradient.
+  grad_eval = jax.grad(lambda x: jnp.sum(layer(x, train=False)[0]))(x)
+  grad_ift = jax.grad(lambda x: jnp.sum(reference(x, train=False)[0]))(x)
+  np.testing.assert_allclose(grad_eval, grad_ift, rtol=1e-5, atol=1e-6)
