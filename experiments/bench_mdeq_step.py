@@ -2,9 +2,9 @@
 
   python -m experiments.bench_mdeq_step [--config mdeq_cifar_tiny] [--batch 64]
 
-Prints the compile time (first call, tracing + XLA compilation + one execution) and
-the steady-state time of a step: the median of ``--repeats`` calls after one warm-up
-call. Random images and labels are used: the cost of a step depends on shapes and
+Prints, for the equilibrium step and for the unrolled ("pretraining") step, the
+compile time (first call, tracing + XLA compilation + one execution) and the
+steady-state time: the median of ``--repeats`` calls after one warm-up call. Random images and labels are used: the cost of a step depends on shapes and
 solver budgets (the solver runs its full budget unless every sample converges).
 """
 
@@ -39,29 +39,36 @@ def main(argv=None) -> None:
   images = jax.random.normal(keys[0], (args.batch, args.image_size, args.image_size, 3))
   labels = jax.random.randint(keys[1], (args.batch,), 0, model.config.num_classes)
 
+  for unrolled in (False, True):
+    _time_step(model, optimizer, images, labels, unrolled=unrolled,
+               repeats=args.repeats)
+
+
+def _time_step(model, optimizer, images, labels, *, unrolled: bool,
+               repeats: int) -> None:
   @nnx.jit
   def train_step(model, optimizer, images, labels):
     def loss_fn(model):
-      logits, aux = model(images, train=True)
+      logits, aux = model(images, train=True, unrolled=unrolled)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, aux.stats.nstep
     (loss, nstep), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
     return loss, nstep
 
+  print("unrolled (pretraining) step:" if unrolled else "equilibrium step (IFT):")
   start = time.perf_counter()
   jax.block_until_ready(train_step(model, optimizer, images, labels))
   print(f"  compile (first step): {time.perf_counter() - start:.2f} s", flush=True)
   jax.block_until_ready(train_step(model, optimizer, images, labels))  # warm-up
   samples = []
-  for _ in range(args.repeats):
+  for _ in range(repeats):
     start = time.perf_counter()
-    loss, nstep = jax.block_until_ready(train_step(model, optimizer, images, labels))
+    _, nstep = jax.block_until_ready(train_step(model, optimizer, images, labels))
     samples.append(time.perf_counter() - start)
   print(f"  steady-state step:    {statistics.median(samples):.3f} s (median of "
         f"{len(samples)}; min {min(samples):.3f}, max {max(samples):.3f})")
   print(f"  forward evaluations:  {float(jnp.mean(nstep)):.1f} per sample (last step)")
-
 
 if __name__ == "__main__":
   main()

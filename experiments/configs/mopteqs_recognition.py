@@ -39,8 +39,8 @@ def paper_train_config() -> TrainConfig:
                      log_every=100, eval_every=3900, checkpoint_every=2000)
 
 
-def budget_train_config(steps: int,
-                        batch_size: int = BUDGET_BATCH_SIZE) -> TrainConfig:
+def budget_train_config(steps: int, batch_size: int = BUDGET_BATCH_SIZE,
+                        minutes: float = BUDGET_MINUTES) -> TrainConfig:
   """The paper's step schedule compressed into ``steps`` steps of ``batch_size``.
 
   The decays keep their relative positions (50%, 75%, 87.5% of training), the
@@ -58,7 +58,7 @@ def budget_train_config(steps: int,
   return TrainConfig(optimizer="sgd", lr=PAPER_LR * batch_size / PAPER_BATCH_SIZE,
                      momentum=0.9, weight_decay=1e-3, schedule="step",
                      total_steps=steps, decay_epochs=decay_epochs, decay_factor=0.1,
-                     log_every=10, checkpoint_every=100, max_minutes=BUDGET_MINUTES)
+                     log_every=10, checkpoint_every=100, max_minutes=minutes)
 
 
 def step_schedule_experiment(family: str, dataset: str, train: TrainConfig, *,
@@ -75,10 +75,16 @@ def step_schedule_experiment(family: str, dataset: str, train: TrainConfig, *,
                   f"phantom gradients (k=5, damping 0.5).")
 
 
-def budget_experiment(family: str) -> ExperimentConfig:
-  """``{family}_cifar10`` with the schedule compressed to the 15-minute budget."""
+def budget_experiment(family: str, steps: int | None = None,
+                      minutes: float = BUDGET_MINUTES) -> ExperimentConfig:
+  """``{family}_cifar10`` with the schedule compressed to a CPU budget.
+
+  Defaults: the 15-minute budget (``BUDGET_STEPS[family]`` steps, ``minutes`` of
+  training at most).
+  """
+  steps = BUDGET_STEPS[family] if steps is None else steps
   return step_schedule_experiment(
-      family, "cifar10", budget_train_config(BUDGET_STEPS[family]),
+      family, "cifar10", budget_train_config(steps, BUDGET_BATCH_SIZE, minutes),
       batch_size=BUDGET_BATCH_SIZE)
 
 

@@ -1,22 +1,23 @@
 """Trains MOptEqs, GEQ and MDEQ-Tiny on CIFAR-10 under the same budget, side by side.
 
   python -m experiments.optcells_compare --data-dir DIR [--out runs/optcells_compare]
-      [--steps 180] [--batch-size 64] [--minutes 11.5] [--models mopteqs,geq,mdeq_tiny]
+      [--minutes 11.5] [--models mopteqs,geq,mdeq_tiny] [--reuse mdeq_tiny=RUN_DIR]
 
-Budget (the same for every model): ``--steps`` optimizer steps of ``--batch-size``
-images (the same number of training images) with each model's own recipe compressed
-into those steps, and a wall-clock cap of ``--minutes`` of training per model (the
-run stops cleanly at the first step past it); each run then evaluates on the full
-CIFAR-10 test split. Recipes: MOptEqs and GEQ use the papers' SGD step schedule
+The budget is the same for every model: ``--minutes`` of training wall clock
+(compilation included) on this machine, batches of 64 images, then an evaluation on
+the full CIFAR-10 test split. Each model runs its own recipe with the schedule
+compressed into the number of steps it can make in that time (measured step times,
+see the configs): MOptEqs and GEQ the papers' SGD step schedule
 (``*_cifar10_15min``), MDEQ-Tiny its reference Adam/cosine recipe with the reference
-share of unrolled pretraining steps (``mdeq_cifar_tiny_20min``); learning rates
-stay those of the recipes whatever ``--batch-size`` is. The defaults are the
-15-minute budget of ``*_cifar10_15min``: batch 64 and GEQ's 180 steps (the slower
-of the two optimization-induced models), which fit in the 11.5-minute training cap
-on a 2-core CPU.
+share of unrolled pretraining (``experiments.configs.mdeq_cifar``); the schedules
+scale with ``--minutes``. A run stops cleanly at the time cap if the machine is
+slower than measured.
 
-Each model trains through ``experiments.train``'s library entry point into
-``OUT/<model>/`` (metrics.jsonl, report.json, curves.png; re-running resumes). The
+Each model trains through the library entry point into ``OUT/<model>/``
+(metrics.jsonl, report.json, curves.png; re-running resumes). ``--reuse
+LABEL=DIR`` takes a finished run of exactly the same experiment from ``DIR``
+instead (e.g. the unregularized arm of ``experiments.jacreg_cifar``, which is this
+MDEQ-Tiny run); its recorded configuration is checked against this one. The
 comparison is written to ``OUT/comparison.json`` and ``OUT/comparison.png``.
 """
 
@@ -35,36 +36,46 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import configs  # noqa: E402
-from experiments.configs.mopteqs_recognition import (  # noqa: E402
-    BUDGET_BATCH_SIZE, BUDGET_MINUTES, BUDGET_STEPS, CIFAR_TRAIN_IMAGES)
-from jdeq.train import reporting, run_experiment  # noqa: E402
+from experiments.configs import mdeq_cifar, mopteqs_recognition  # noqa: E402
+from jdeq.train import ExperimentConfig, reporting, run_experiment  # noqa: E402
 
-# model label -> registered experiment whose recipe it uses
-EXPERIMENTS = {"mopteqs": "mopteqs_cifar10_15min", "geq": "geq_cifar10_15min",
-               "mdeq_tiny": "mdeq_cifar_tiny_20min"}
+DEFAULT_MINUTES = mopteqs_recognition.BUDGET_MINUTES
 
 
-def budgeted(label: str, steps: int, minutes: float,
-             max_eval_batches: Optional[int], batch_size: int = BUDGET_BATCH_SIZE):
-  """The model's experiment with its schedule rescaled to ``steps`` of ``batch_size``."""
-  experiment = configs.get(EXPERIMENTS[label])
-  train = experiment.train
-  scale = steps / train.num_steps(1)  # these recipes are all given in total_steps
-  # Decay points are given in epochs of the recipe's batch size; an epoch of
-  # ``batch_size`` has a different number of steps, and the decays must keep their
-  # positions in steps.
-  epoch_ratio = (CIFAR_TRAIN_IMAGES // experiment.data.batch_size) / (
-      CIFAR_TRAIN_IMAGES // batch_size)
-  train = dataclasses.replace(
-      train, total_steps=steps, max_minutes=minutes,
-      pretrain_steps=round(train.pretrain_steps * scale),
-      decay_epochs=tuple(epoch * scale * epoch_ratio
-                         for epoch in train.decay_epochs),
-      checkpoint_every=max(1, min(train.checkpoint_every or steps, steps)),
-      log_every=max(1, min(train.log_every, steps)),
-      max_eval_batches=max_eval_batches)
-  data = dataclasses.replace(experiment.data, batch_size=batch_size)
-  return dataclasses.replace(experiment, train=train, data=data)
+def _optimization_cell(family: str):
+  return lambda minutes: mopteqs_recognition.budget_experiment(
+      family, steps=round(mopteqs_recognition.BUDGET_STEPS[family] * minutes
+                          / DEFAULT_MINUTES), minutes=minutes)
+
+
+def _mdeq_tiny(minutes: float) -> ExperimentConfig:
+  steps = round(mdeq_cifar.BUDGET_STEPS[DEFAULT_MINUTES] * minutes / DEFAULT_MINUTES)
+  return mdeq_cifar.tiny_budget_experiment(minutes, steps)
+
+
+# model label -> its budgeted experiment for a number of training minutes
+EXPERIMENTS = {"mopteqs": _optimization_cell("mopteqs"),
+               "geq": _optimization_cell("geq"), "mdeq_tiny": _mdeq_tiny}
+
+
+def check_reusable(workdir: str, experiment: ExperimentConfig) -> None:
+  """Raises ``ValueError`` unless ``workdir`` holds a finished run of ``experiment``."""
+  path = os.path.join(workdir, "report.json")
+  if not os.path.exists(path):
+    raise ValueError(f"--reuse: no report.json in {workdir} (the run has not finished)")
+  with open(path) as handle:
+    recorded = json.load(handle)["config"]
+  expected = {"train": reporting.to_json(experiment.train),
+              "data": reporting.to_json(experiment.data)}
+  for section, value in expected.items():
+    stored = dict(recorded.get(section, {}))
+    value = dict(value)
+    for settings in (stored, value):  # where the data lives is not the experiment
+      settings.pop("data_dir", None)
+    if stored != value:
+      raise ValueError(f"--reuse: the run in {workdir} is a different experiment: "
+                       f"its {section} settings are {stored}, this comparison needs "
+                       f"{value}")
 
 
 def summarize(label: str, workdir: str) -> dict:
@@ -113,44 +124,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--data-dir", default=None,
                       help="TFDS data directory (default: $TFDS_DATA_DIR)")
   parser.add_argument("--out", default=os.path.join("runs", "optcells_compare"))
-  parser.add_argument("--steps", type=int, default=min(BUDGET_STEPS.values()),
-                      help="optimizer steps per model")
-  parser.add_argument("--batch-size", type=int, default=BUDGET_BATCH_SIZE,
-                      help="training batch size of every model")
-  parser.add_argument("--minutes", type=float, default=BUDGET_MINUTES,
-                      help="training wall-clock cap per model")
+  parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
+                      help="training wall-clock budget of every model")
   parser.add_argument("--models", default=",".join(EXPERIMENTS),
                       help=f"comma-separated subset of {list(EXPERIMENTS)}")
-  parser.add_argument("--max-eval-batches", type=int, default=None,
-                      help="evaluate on at most this many test batches (smoke runs)")
+  parser.add_argument("--reuse", action="append", default=[], metavar="LABEL=DIR",
+                      help="take a finished run of the same experiment from DIR")
   args = parser.parse_args(argv)
   labels = [label.strip() for label in args.models.split(",") if label.strip()]
-  unknown = sorted(set(labels) - set(EXPERIMENTS))
-  if unknown or args.steps < 1 or args.batch_size < 1 or args.minutes <= 0:
+  reuse = dict(item.split("=", 1) for item in args.reuse if "=" in item)
+  unknown = sorted((set(labels) | set(reuse)) - set(EXPERIMENTS))
+  if unknown or len(reuse) != len(args.reuse) or args.minutes <= 0:
     parser.error(f"unknown models {unknown} (valid: {list(EXPERIMENTS)})" if unknown
-                 else "--steps, --batch-size and --minutes must be positive")
+                 else "--reuse takes LABEL=DIR and --minutes must be positive")
   results = {}
   for label in labels:
-    workdir = os.path.join(args.out, label)
-    print(f"== {label}: {EXPERIMENTS[label]} for {args.steps} steps of batch "
-          f"{args.batch_size} (cap {args.minutes} min) -> {workdir}", flush=True)
-    run_experiment(budgeted(label, args.steps, args.minutes, args.max_eval_batches,
-                            args.batch_size),
-                   workdir=workdir, data_dir=args.data_dir, name=EXPERIMENTS[label],
-                   progress=False)
+    experiment = EXPERIMENTS[label](args.minutes)
+    train = experiment.train
+    if label in reuse:
+      workdir = reuse[label]
+      try:
+        check_reusable(workdir, experiment)
+      except ValueError as error:
+        parser.error(str(error))
+      print(f"== {label}: reusing the finished run in {workdir}", flush=True)
+    else:
+      workdir = os.path.join(args.out, label)
+      print(f"== {label}: {train.total_steps} steps of batch "
+            f"{experiment.data.batch_size}, cap {train.max_minutes} min -> {workdir}",
+            flush=True)
+      run_experiment(experiment, workdir=workdir, data_dir=args.data_dir,
+                     name=f"optcells_compare/{label}", progress=False)
     results[label] = summarize(label, workdir)
-  budget = {"steps": args.steps, "batch_size": args.batch_size,
-            "train_minutes_cap": args.minutes,
-            "max_eval_batches": args.max_eval_batches}
+  os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "comparison.json"), "w") as handle:
-    json.dump({"budget": budget, "results": results}, handle, indent=2)
+    json.dump({"budget": {"train_minutes": args.minutes}, "results": results},
+              handle, indent=2)
   plot(results, os.path.join(args.out, "comparison.png"))
   for label, result in results.items():
     print(f"{label:10s} params {result['num_params']:>8,d}  test acc "
           f"{result['test_accuracy']:.4f}  NFE {result['test_fwd_nfe']:.1f}  steps "
-          f"{result['steps']}  wall {result['wall_time_s']:.0f}s")
+          f"{result['steps']}  {result['train_images_per_s']:.1f} img/s  wall "
+          f"{result['wall_time_s']:.0f}s")
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())
