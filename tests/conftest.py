@@ -4,6 +4,9 @@ import pathlib
 import jax
 import pytest
 
+import experiments
+
+experiments.use_fast_cpu_convolutions()  # the suite runs on CPU; see the flag's docs
 jax.config.update("jax_platforms", "cpu")
 
 

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 
+import jax
 import pytest
 
 try:
@@ -17,7 +18,8 @@ try:
 except ImportError:  # run from another working directory: the repo root holds it
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.bench import core_step, report, run, workloads  # noqa: E402
+from experiments.bench import (core_step, jdeq_side, profile_step, report, run,  # noqa: E402
+                               timing, workloads)
 
 
 def _is_positive_timing(figures):
@@ -51,9 +53,10 @@ def test_w1_cell_jdeq_side_and_table(tmp_path):
   assert "torch" not in cell
 
   results = {"device": "cpu", "load": {"load1": 0.0, "cores": 2}, "cells": [cell],
-             "memory": []}
+             "memory": [], "conditions": {"threads": 2, "xla_flags": "--flag"}}
   table = report.markdown_table(results)
   assert "| w1 | fixed_point_iteration/ift |" in table
+  assert "Threads per side: 2" in table and "`--flag`" in table
 
   readme = tmp_path / "README.md"
   readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n")
@@ -72,3 +75,27 @@ def test_unknown_names_are_rejected():
     workloads.split_variant("anderson/backprop")
   with pytest.raises(ValueError, match="unknown workload"):
     workloads.workload("w9")
+
+
+def test_w3_cell_is_mdeq_tiny_with_the_reference_parameter_count():
+  cell = jdeq_side.build_cell("w3")
+  assert jdeq_side.parameter_count(cell) == workloads.W3_PARAMS
+  images = cell.batch["x"]
+  assert images.shape == (workloads.W3.batch, 32, 32, 3)
+  (map_args, z0) = jax.eval_shape(cell.prepare, cell.params, images)
+  state = jax.eval_shape(cell.map, z0, *map_args)
+  assert [s.shape for s in state] == [(64, 32, 32, 24), (64, 16, 16, 24)]
+  logits = jax.eval_shape(cell.logits, cell.params, state)
+  assert logits.shape == (workloads.W3.batch, workloads.NUM_CLASSES)
+
+
+def test_profile_attributes_loop_time_to_phases():
+  result = profile_step.profile("w1", "anderson/ift", steps=1)
+  phases = {key.split(" / ")[0] for key in result["grouped"]}
+  assert {"forward loop", "backward loop", "outside loops"} <= phases
+  assert result["wall_ms"] > 0 and sum(result["grouped"].values()) > 0
+  assert "forward loop" in profile_step.format_profile(result)
+
+
+def test_thread_pinning_keeps_all_cores_by_default():
+  assert timing.pin_threads(0) == len(os.sched_getaffinity(0))

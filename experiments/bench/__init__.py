@@ -7,6 +7,8 @@ Entry points:
   same number of bare evaluations and VJPs of ``f``.
 * ``python -m experiments.bench`` — workloads W1/W2/W3 in jdeq and TorchDEQ, run
   alternately; writes JSON, PNG charts and the README table.
+* ``python -m experiments.bench.profile_step`` — where one jdeq training step's
+  time goes (XLA profile by solve phase and operation kind).
 
 Modules that the TorchDEQ worker imports (``timing``, ``workloads``, ``torch_side``,
 ``torch_mdeq``) must not import JAX: that worker runs in its own virtual environment.

@@ -6,6 +6,8 @@ import os
 import re
 from typing import Any
 
+from experiments.bench import workloads
+
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 
@@ -18,32 +20,54 @@ def _ratio(value: float | None) -> str:
   return "–" if value is None else f"{value:.2f}"
 
 
+def _spread(timing: dict | None) -> str:
+  """``median (p25–p75)`` in milliseconds."""
+  if not timing:
+    return "–"
+  return f"{_ms(timing['median'])} ({_ms(timing['p25'])}–{_ms(timing['p75'])})"
+
+
+def _residual(counts: dict) -> str:
+  value = counts.get("forward_rel_residual")
+  return "–" if value is None else f"{value:.1e}"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
   """One row per workload × variant: medians and the TorchDEQ/jdeq speedups."""
+  conditions = results.get("conditions", {})
+  runs = sorted({c.get("reps", 0) * c.get("rounds", 0) for c in results["cells"]})
   lines = [
       f"Device: {results['device']}; TorchDEQ side: {results.get('torch_device', 'not run')}. "
-      f"1-min load average at start {results['load']['load1']:.2f} on "
-      f"{results['load']['cores']} cores.",
+      f"Threads per side: {conditions.get('threads', '?')}; XLA_FLAGS: "
+      f"`{conditions.get('xla_flags') or '(none)'}`. 1-min load average at start "
+      f"{results['load']['load1']:.2f} on {results['load']['cores']} cores; runs per "
+      f"measure: {'/'.join(map(str, runs)) or '?'}.",
       "",
-      "| workload | variant | jdeq step ms | TorchDEQ step ms | step speedup | fwd speedup "
-      "| bwd speedup | jdeq overhead | TorchDEQ overhead | jdeq compile s | NFE fwd/bwd |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "| workload | variant | jdeq step ms (p25–p75) | TorchDEQ step ms (p25–p75) "
+      "| step speedup | fwd speedup | bwd speedup | jdeq overhead | TorchDEQ overhead "
+      "| jdeq compile s | jdeq temp MiB | NFE fwd/bwd | fwd rel. residual jdeq / TorchDEQ |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for cell in results["cells"]:
     jd, th = cell["jdeq"], cell.get("torch") or {}
     speed = cell.get("speedup", {})
     counts = jd.get("counts", {})
     nfe = f"{counts.get('forward_evaluations', '?')}/{counts.get('backward_vjps', '–')}"
+    temp = jd["compile"].get("temp_bytes")
     lines.append(
-        f"| {cell['workload']} | {cell['variant']} | {_ms(jd['timings']['step']['median'])} "
-        f"| {_ms(th.get('timings', {}).get('step', {}).get('median'))} "
+        f"| {cell['workload']} | {cell['variant']} | {_spread(jd['timings']['step'])} "
+        f"| {_spread(th.get('timings', {}).get('step'))} "
         f"| {_ratio(speed.get('step'))}× | {_ratio(speed.get('forward'))}× "
         f"| {_ratio(speed.get('backward'))}× | {_ratio(jd.get('overhead'))} "
-        f"| {_ratio(th.get('overhead'))} | {jd['compile']['compile_s']:.1f} | {nfe} |")
+        f"| {_ratio(th.get('overhead'))} | {jd['compile']['compile_s']:.1f} "
+        f"| {'–' if temp is None else f'{temp / 2**20:.1f}'} | {nfe} "
+        f"| {_residual(counts)} / {_residual(th.get('counts', {}))} |")
   lines += [
       "",
       "Speedup = TorchDEQ median / jdeq median (> 1: jdeq faster). Overhead = step time / "
-      "time of the same number of bare map evaluations and VJPs in the same framework.",
+      "time of the same number of bare map evaluations and VJPs in the same framework. "
+      "jdeq temp = XLA's compile-time temporary buffer of the step (its peak working "
+      "memory beyond parameters and inputs).",
   ]
   if results.get("memory"):
     lines += ["", "Peak memory of one training step (jdeq: XLA compile-time temp buffer "
@@ -58,6 +82,25 @@ def markdown_table(results: dict[str, Any]) -> str:
                    f"| {mib(row['jdeq_temp_bytes'])} | {mib(th.get('saved_bytes'))} "
                    f"| {mib(th.get('rss_delta_bytes'))} |")
   return "\n".join(lines)
+
+
+def readme_section(results: dict[str, Any]) -> str:
+  """The README's Benchmarks section: what was run, under which conditions, the table."""
+  names = sorted({c["workload"] for c in results["cells"]})
+  described = "; ".join(
+      f"{n.upper()}: {workloads.workload(n).title}, batch {workloads.workload(n).batch}, "
+      f"{workloads.workload(n).forward_iters}/{workloads.workload(n).backward_iters} "
+      "forward/backward iterations" for n in names)
+  intro = (
+      "`python -m experiments.bench` runs solver × gradient variants on identical "
+      "workloads in jdeq and TorchDEQ 0.1.0 (TorchDEQ in its own environment from "
+      "`requirements-bench.txt`, in a subprocess, the two sides alternating round by "
+      "round), every solve running its full budget, and prints the device. "
+      f"{described}. The full training step is forward solve + backward + SGD "
+      "update; both sides run with the same number of threads. Charts and the raw "
+      "figures (JSON) are written to `experiments/bench/results/`; "
+      "`python -m experiments.bench.profile_step` shows where a jdeq step's time goes.")
+  return "## Benchmarks\n\n" + intro + "\n\n" + markdown_table(results)
 
 
 def write_table(table: str, readme_path: str, fallback_path: str) -> str:

@@ -9,14 +9,24 @@ training steps (forward, backward and whole step from one call) and the bare
 evaluations. Afterwards, peak memory of a training step is measured for forward
 budgets 10, 30 and 100 (IFT against unrolled).
 
+Fair conditions, printed with the table:
+
+* threads: both sides get the same number of cores (``--threads``, default all);
+  when fewer, both processes are pinned to the same cores before either framework
+  starts its thread pool;
+* XLA's CPU flags (``--xla-flags``): by default XLA's own convolutions (Eigen)
+  instead of its YNNPACK ones (see ``DEFAULT_XLA_FLAGS``); PyTorch uses oneDNN's;
+* W3's models must have the same number of parameters on both sides (checked).
+
 Outputs (``--out``, default ``experiments/bench/results``): ``results.json``,
 ``<workload>_times.png``, ``memory_scaling.png``, and the markdown table, written
 into README.md between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (or to
 ``table.md`` in the output folder when the README has no such markers).
 
-Run: ``python -m experiments.bench [--workloads w1,w2] [--variants all|LIST]
-[--scale S] [--torch-python PATH | --no-torch]``. The TorchDEQ interpreter defaults
-to ``$JDEQ_BENCH_TORCH_PYTHON`` or ``.venv-bench/bin/python`` in the repository root.
+Run: ``python -m experiments.bench [--workloads w1,w2,w3] [--variants
+default|all|LIST] [--scale S] [--threads N] [--torch-python PATH | --no-torch]``.
+The TorchDEQ interpreter defaults to ``$JDEQ_BENCH_TORCH_PYTHON`` or
+``.venv-bench/bin/python`` in the repository root.
 """
 
 from __future__ import annotations
@@ -29,18 +39,25 @@ import sys
 import time
 from typing import Any
 
+import experiments
 from experiments.bench import jdeq_side, report, timing, workloads
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "experiments", "bench", "results")
 MEMORY_BUDGETS = (10, 30, 100)
 MEMORY_VARIANTS = ("anderson/ift", workloads.UNROLLED)
+# W3's memory scaling would compile six MDEQ steps (minutes on a 2-core CPU).
+MEMORY_WORKLOADS = ("w1", "w2")
+# XLA's own convolutions instead of YNNPACK's (see experiments.CPU_CONVOLUTION_FLAG):
+# about 2x on a 2-core CPU for W2's and W3's convolutions. Reductions stay with
+# YNNPACK: faster for MDEQ's GroupNorms (~10% of a W3 map evaluation).
+DEFAULT_XLA_FLAGS = experiments.CPU_CONVOLUTION_FLAG
 
 
 class TorchWorker:
   """The TorchDEQ worker subprocess, spoken to in JSON lines."""
 
-  def __init__(self, python: str, threads: int = 0):
+  def __init__(self, python: str, threads: int):
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, JDEQ_BENCH_TORCH_THREADS=str(threads))
     self.python = python
     self.process = subprocess.Popen(
@@ -83,19 +100,29 @@ def _timing_dict(rounds: list[list[float]]) -> dict:
 
 def measure_cell(workload: str, variant: str, worker: TorchWorker | None, *,
                  reps: int, rounds: int, warmup: int) -> dict[str, Any]:
-  """Both sides of one workload × variant, in alternating rounds."""
+  """Both sides of one workload × variant, in alternating rounds.
+
+  Raises:
+    RuntimeError: if the two sides' models differ in their number of parameters.
+  """
   spec = workloads.workload(workload)
   evaluations, vjps = workloads.evaluation_counts(variant, spec)
   built = jdeq_side.build_variant(workload, variant)
   compile_figures = built.compile_step()
+  counts = built.counts()  # also the first call of the compiled step
   calls = built.calls()
   for call in calls.values():
     for _ in range(warmup):
       call()
   jdeq_rounds = {name: [] for name in calls}
   torch_rounds = {name: [] for name in ("step", "forward", "backward", "bare")}
+  parameters = jdeq_side.parameter_count(built.cell)
   if worker:
-    worker.request(cmd="setup", workload=workload, variant=variant, warmup=warmup)
+    torch_parameters = worker.request(cmd="setup", workload=workload, variant=variant,
+                                      warmup=warmup)["parameters"]
+    if torch_parameters != parameters:
+      raise RuntimeError(f"{workload}: the jdeq model has {parameters} parameters, the "
+                         f"TorchDEQ model {torch_parameters}; the workloads differ")
   for _ in range(rounds):
     for name, call in calls.items():
       jdeq_rounds[name].append(timing.time_round(call, reps))
@@ -108,10 +135,11 @@ def measure_cell(workload: str, variant: str, worker: TorchWorker | None, *,
 
   jdeq_timings = {name: _timing_dict(r) for name, r in jdeq_rounds.items()}
   cell = {
-      "workload": workload, "variant": variant,
+      "workload": workload, "variant": variant, "parameters": parameters,
+      "reps": reps, "rounds": rounds,
       "bare_counts": {"evaluations": evaluations, "vjps": vjps},
       "jdeq": {"timings": jdeq_timings, "compile": compile_figures,
-               "counts": built.counts(),
+               "counts": counts,
                "overhead": jdeq_timings["step"]["median"] / jdeq_timings["bare"]["median"]},
   }
   if worker:
@@ -125,9 +153,9 @@ def measure_cell(workload: str, variant: str, worker: TorchWorker | None, *,
 
 
 def measure_memory(workload_names, worker: TorchWorker | None) -> list[dict]:
-  """Step memory for forward budgets 10/30/100, IFT against unrolled."""
+  """Step memory for forward budgets 10/30/100, IFT against unrolled (W1, W2)."""
   rows = []
-  for workload in workload_names:
+  for workload in (w for w in workload_names if w in MEMORY_WORKLOADS):
     for variant in MEMORY_VARIANTS:
       for budget in MEMORY_BUDGETS:
         built = jdeq_side.build_variant(workload, variant, forward_iters=budget)
@@ -145,27 +173,60 @@ def measure_memory(workload_names, worker: TorchWorker | None) -> list[dict]:
 def parse_args(argv):
   parser = argparse.ArgumentParser(description="jdeq vs TorchDEQ benchmark")
   parser.add_argument("--workloads", default=",".join(workloads.DEFAULT_WORKLOADS),
-                      help="comma-separated workloads (w1, w2; w3 is not implemented yet)")
-  parser.add_argument("--variants", default="all",
-                      help="'all', 'default' (each workload's own list) or a "
-                           "comma-separated list like anderson/ift,unrolled")
+                      help="comma-separated workloads (w1, w2, w3)")
+  parser.add_argument("--variants", default="default",
+                      help="'default' (each workload's own list), 'all' (every solver "
+                           "x gradient, plus unrolled) or a comma-separated list like "
+                           "anderson/ift,unrolled")
   parser.add_argument("--scale", type=float, default=1.0,
                       help="multiplies each workload's repetitions per round")
   parser.add_argument("--rounds", type=int, default=None,
                       help="rounds per side (default: the workload's)")
-  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--warmup", type=int, default=None,
+                      help="untimed calls per measure (default: the workload's)")
   parser.add_argument("--torch-python", default=os.environ.get(
       "JDEQ_BENCH_TORCH_PYTHON", os.path.join(REPO_ROOT, ".venv-bench", "bin", "python")))
   parser.add_argument("--no-torch", action="store_true", help="run the jdeq side only")
-  parser.add_argument("--torch-threads", type=int, default=0,
-                      help="torch intra-op threads (0: torch's default, all cores). On a "
-                           "busy machine, OpenMP's spinning threads can slow TorchDEQ "
-                           "down by 10-20x; 1 avoids that, at the cost of parallelism")
+  parser.add_argument("--threads", type=int, default=0,
+                      help="cores, and so threads, for each side (0: all). Both "
+                           "processes are pinned to the same cores. On a busy machine "
+                           "PyTorch's spinning OpenMP threads can slow TorchDEQ down "
+                           "by 10x and more; 1 avoids that, on both sides alike")
+  parser.add_argument("--xla-flags", default=DEFAULT_XLA_FLAGS,
+                      help="appended to $XLA_FLAGS before JAX starts ('' for XLA's "
+                           "defaults)")
   parser.add_argument("--no-memory", action="store_true", help="skip memory scaling")
   parser.add_argument("--out", default=DEFAULT_OUT)
   parser.add_argument("--readme", default=os.path.join(REPO_ROOT, "README.md"),
                       help="README to write the table into ('' to skip)")
   return parser.parse_args(argv)
+
+
+def configure_processes(threads: int, xla_flags: str) -> dict:
+  """Pins the cores and sets XLA's flags; must run before JAX starts its backend.
+
+  Returns:
+    The conditions to report: cores per side and the XLA flags in effect.
+  """
+  cores = timing.pin_threads(threads)
+  if xla_flags:
+    os.environ["XLA_FLAGS"] = " ".join(
+        f for f in (os.environ.get("XLA_FLAGS", ""), xla_flags) if f)
+  if jdeq_side.backend_started():
+    print("WARNING: JAX started before the benchmark could set its threads and XLA "
+          "flags; they may not apply", flush=True)
+  return {"threads": cores, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def _variants_of(spec: workloads.Workload, requested: str) -> tuple[str, ...]:
+  if requested == "all":
+    return workloads.all_variants()
+  if requested == "default":
+    return spec.default_variants
+  variants = tuple(v for v in requested.split(",") if v)
+  for variant in variants:
+    workloads.split_variant(variant)
+  return variants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,45 +237,40 @@ def main(argv: list[str] | None = None) -> int:
     workloads.workload(name)  # fails early, naming the valid workloads
   os.makedirs(args.out, exist_ok=True)
 
+  conditions = configure_processes(args.threads, args.xla_flags)
   load = timing.machine_load()
   warning = timing.idle_warning()
   device = jdeq_side.describe_device()
-  print(f"device: {device}", flush=True)
+  print(f"device: {device}; {conditions['threads']} threads per side; XLA_FLAGS="
+        f"{conditions['xla_flags']!r}", flush=True)
   if warning:
     print(warning, flush=True)
 
   worker = None
   if not args.no_torch:
     if os.path.exists(args.torch_python):
-      worker = TorchWorker(args.torch_python, args.torch_threads)
+      worker = TorchWorker(args.torch_python, conditions["threads"])
     else:
       print(f"WARNING: no TorchDEQ interpreter at {args.torch_python!r} (create it from "
             "requirements-bench.txt or pass --torch-python); running jdeq only", flush=True)
   results: dict[str, Any] = {"device": device, "load": load, "warning": warning,
-                             "cells": [], "memory": []}
+                             "conditions": conditions, "cells": [], "memory": []}
   try:
     if worker:
       results["torch_device"] = worker.request(cmd="info")["device"]
       print(f"TorchDEQ side: {results['torch_device']}", flush=True)
     for name in workload_names:
       spec = workloads.workload(name)
-      if args.variants == "all":
-        variants = workloads.all_variants()
-      elif args.variants == "default":
-        variants = spec.default_variants
-      else:
-        variants = tuple(v for v in args.variants.split(",") if v)
-        for variant in variants:
-          workloads.split_variant(variant)
       reps = max(1, round(spec.reps * args.scale))
       rounds = args.rounds or spec.rounds
-      for variant in variants:
+      warmup = spec.warmup if args.warmup is None else args.warmup
+      for variant in _variants_of(spec, args.variants):
         cell = measure_cell(name, variant, worker, reps=reps, rounds=rounds,
-                            warmup=args.warmup)
+                            warmup=warmup)
         results["cells"].append(cell)
         step = cell["jdeq"]["timings"]["step"]["median"]
         line = (f"{name} {variant:<32} jdeq step {step * 1e3:9.3f} ms  overhead "
-                f"{cell['jdeq']['overhead']:.2f}")
+                f"{cell['jdeq']['overhead']:.2f}  ({time.perf_counter() - started:.0f} s)")
         if worker:
           line += (f" | TorchDEQ step {cell['torch']['timings']['step']['median'] * 1e3:9.3f}"
                    f" ms  speedup {cell['speedup']['step']:.2f}x")
@@ -229,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
   results["wall_s"] = time.perf_counter() - started
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
-  table = report.markdown_table(results)
+  table = report.readme_section(results)
   print(table)
   fallback = os.path.join(args.out, "table.md")
   written = (report.write_table(table, args.readme, fallback) if args.readme

@@ -78,6 +78,26 @@ def time_calls(call: Callable[[], object], *, reps: int, rounds: int = 1,
   return Timing.from_samples([time_round(call, reps) for _ in range(rounds)])
 
 
+def pin_threads(threads: int) -> int:
+  """Restricts this process (and the processes it starts) to ``threads`` cores.
+
+  Both sides of the benchmark size their thread pools from the cores a process may
+  run on (XLA when its CPU backend starts; the TorchDEQ worker through
+  ``torch.set_num_threads``), so pinning before either starts gives both the same
+  number of threads.
+
+  Args:
+    threads: the number of cores; 0 (or more than are available) keeps them all.
+
+  Returns:
+    The number of cores this process may now run on.
+  """
+  available = sorted(os.sched_getaffinity(0))
+  if 0 < threads < len(available):
+    os.sched_setaffinity(0, available[:threads])
+  return len(os.sched_getaffinity(0))
+
+
 def machine_load() -> dict:
   """The 1-minute load average and the number of cores, to judge whether the machine is idle."""
   load1, load5, _ = os.getloadavg()

@@ -3,7 +3,8 @@
 It never imports JAX. The runner starts it with the interpreter of the TorchDEQ
 virtual environment (``requirements-bench.txt``) and talks to it in JSON lines:
 
-* ``{"cmd": "setup", "workload": "w1", "variant": "anderson/ift"}`` builds a cell;
+* ``{"cmd": "setup", "workload": "w1", "variant": "anderson/ift"}`` builds a cell,
+  warms it up and returns its number of trainable parameters;
 * ``{"cmd": "time", "reps": n}`` runs ``n`` timed training steps of the current cell
   and returns the forward, backward and full-step seconds of each;
 * ``{"cmd": "bare", "reps": n, "evaluations": a, "vjps": b}`` times ``a`` bare
@@ -40,7 +41,7 @@ from torch.nn import functional as F
 from torchdeq import get_deq, reset_deq
 from torchdeq.norm import apply_norm
 
-from experiments.bench import timing, workloads
+from experiments.bench import timing, torch_mdeq, workloads
 
 TORCHDEQ_SOLVER_NAMES = {"fixed_point_iteration": "fixed_point_iter",
                          "anderson": "anderson", "broyden": "broyden"}
@@ -139,21 +140,27 @@ class ConvCell(nn.Module):
 def build_model(workload: str, seed: int = 0):
   """The cell (map, injection, head) and its input batch, as torch tensors (NCHW)."""
   if workload == "w3":
-    from experiments.bench import torch_mdeq  # pylint: disable=g-import-not-at-top
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # W3's weights are drawn by each framework itself
     model = torch_mdeq.MDEQTiny()
-    generator = np.random.default_rng(seed)
-    spec = workloads.W3
-    x = generator.standard_normal((spec.batch, 3, 32, 32)).astype(np.float32)
-    labels = generator.integers(0, workloads.NUM_CLASSES, spec.batch)
-    return model, torch.from_numpy(x), torch.from_numpy(labels).long()
-  arrays = workloads.initial_arrays(workload, seed)
-  model = MLPCell(arrays) if workload == "w1" else ConvCell(arrays)
+    arrays = workloads.w3_batch(seed)
+  else:
+    arrays = workloads.initial_arrays(workload, seed)
+    model = MLPCell(arrays) if workload == "w1" else ConvCell(arrays)
   x = arrays["x"]
   if x.ndim == 4:
     x = x.transpose(0, 3, 1, 2)
   return (model, torch.from_numpy(np.ascontiguousarray(x)),
           torch.from_numpy(arrays["labels"]).long())
+
+
+def parameter_count(model: nn.Module) -> int:
+  """Trainable scalars of a model (weight norm's ``g`` and ``v`` replace ``weight``)."""
+  return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _tensors(state) -> list:
+  """The tensors of a state: one tensor (W1, W2) or a list of branches (W3)."""
+  return list(state) if isinstance(state, (list, tuple)) else [state]
 
 
 def deq_options(workload: str, variant: str, forward_iters: int | None = None) -> dict:
@@ -187,16 +194,23 @@ class Cell:
     self.model, self.x, self.labels = build_model(workload, seed)
     self.model.train()
     self.deq = get_deq(**deq_options(workload, variant, forward_iters))
+    # Unrolled runs no solve: TorchDEQ's residual statistics are placeholders then.
+    self.solves = workloads.split_variant(variant)[1] != workloads.UNROLLED
     self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
     self.evaluations = 0
     self.counting = False
     self.last_info = None
 
   def _map(self, u) -> Callable:
-    def f(z):
+    """The map as TorchDEQ calls it: ``f(z)``, or ``f(*branches)`` for a list state."""
+    def f(*z):
+      z = list(z) if len(z) > 1 else z[0]
       if self.counting:
         self.evaluations += 1
-        z = _CountVJPs.apply(z)
+        if isinstance(z, list):  # one VJP through the map passes every branch once
+          z = [_CountVJPs.apply(z[0])] + z[1:]
+        else:
+          z = _CountVJPs.apply(z)
       return self.model.map(z, u)
     return f
 
@@ -229,12 +243,16 @@ class Cell:
     finally:
       self.counting = False
     info = self.last_info
+
+    def median(key):
+      return float(info[key].median()) if self.solves else None
+
     return {
         "forward_evaluations": forward_evaluations,
         "backward_evaluations": self.evaluations - forward_evaluations,
         "vjps": _CountVJPs.count,
-        "forward_rel_residual": float(info["rel_lowest"].median()),
-        "forward_abs_residual": float(info["abs_lowest"].median()),
+        "forward_rel_residual": median("rel_lowest"),
+        "forward_abs_residual": median("abs_lowest"),
     }
 
   def bare(self, evaluations: int, vjps: int) -> Callable[[], None]:
@@ -246,14 +264,14 @@ class Cell:
 
     def call():
       with torch.no_grad():
-        z = self.model.initial_state(u)
+        z = _tensors(self.model.initial_state(u))
         for _ in range(evaluations):
-          z = f(z)
-      z = z.requires_grad_()
-      fz = f(z)
-      v = torch.ones_like(z)
+          z = _tensors(f(*z))
+      z = [t.requires_grad_() for t in z]
+      fz = _tensors(f(*z))
+      v = [torch.ones_like(t) for t in z]
       for _ in range(vjps):
-        v = torch.autograd.grad(fz, z, v, retain_graph=True)[0]
+        v = list(torch.autograd.grad(fz, z, v, retain_graph=True))
     return call
 
 
@@ -334,7 +352,7 @@ def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
         bare_call = None
         for _ in range(request.get("warmup", 2)):
           cell.timed_step()
-        reply = {}
+        reply = {"parameters": parameter_count(cell.model)}
       elif command == "time":
         steps = [cell.timed_step() for _ in range(request["reps"])]
         reply = {"forward": [s[0] for s in steps], "backward": [s[1] for s in steps],

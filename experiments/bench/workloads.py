@@ -1,9 +1,11 @@
 """The benchmark workloads and variants, shared verbatim by the jdeq and TorchDEQ sides.
 
 Both sides build their models from the arrays of :func:`initial_arrays`, so W1 and W2
-start from identical weights, inputs and labels; only the framework differs. (W3,
-MDEQ-Tiny, is built by each framework's own model code with the same architecture
-and init scheme; its weights are not shared.)
+start from identical weights, inputs and labels; only the framework differs. W3,
+MDEQ-Tiny, is built by each framework's own model code (jdeq's model zoo; the
+PyTorch port in :mod:`experiments.bench.torch_mdeq`) with the same architecture,
+parameter count and init scheme; its weights are drawn independently, its images
+and labels (:func:`w3_batch`) are shared.
 
 Only the standard library and NumPy are used here: the TorchDEQ worker imports this
 module from its own virtual environment, where JAX is absent.
@@ -47,6 +49,8 @@ class Workload:
       :func:`all_variants`).
     reps: timed calls per round in a default run.
     rounds: rounds per side in a default run (the sides alternate round by round).
+    warmup: untimed calls of each measured function first (the first call of the
+      step itself, which compiles it, is not counted).
   """
   name: str
   title: str
@@ -56,6 +60,7 @@ class Workload:
   default_variants: tuple[str, ...]
   reps: int
   rounds: int
+  warmup: int = 2
 
 
 def all_variants() -> tuple[str, ...]:
@@ -73,21 +78,25 @@ def split_variant(variant: str) -> tuple[str | None, str]:
   return solver, gradient
 
 
+# Budgets sized so that the default run (W1, W2, W3) takes under 15 minutes on a
+# quiet 2-core CPU: an MDEQ-Tiny step takes seconds there, so W3 times one variant
+# with one call per round (``--variants all --scale 4`` for the full matrix, 12 runs).
 W1 = Workload(
     name="w1", title="MLP tanh(Wz + Ux), weight norm on W, d=64", batch=32,
     forward_iters=30, backward_iters=30, default_variants=all_variants(),
     reps=20, rounds=3)
 W2 = Workload(
     name="w2", title="conv GroupNorm(ReLU(conv2(ReLU(conv1 z)) + inj x)), 32 ch, 16x16",
-    batch=32, forward_iters=20, backward_iters=20, default_variants=all_variants(),
+    batch=32, forward_iters=20, backward_iters=20,
+    default_variants=("fixed_point_iteration/ift", "anderson/ift", "broyden/ift",
+                      "anderson/phantom", "anderson/jfb", UNROLLED),
     reps=4, rounds=3)
 W3 = Workload(
     name="w3", title="MDEQ-Tiny (CIFAR-10 config), 32x32", batch=64,
-    forward_iters=18, backward_iters=20,
-    default_variants=("anderson/ift", "anderson/phantom", UNROLLED), reps=4, rounds=3)
+    forward_iters=18, backward_iters=20, default_variants=("anderson/ift",),
+    reps=1, rounds=3, warmup=1)
 WORKLOADS = {w.name: w for w in (W1, W2, W3)}
-# W3 is specified but not yet implemented on either side (see the package README).
-DEFAULT_WORKLOADS = ("w1", "w2")
+DEFAULT_WORKLOADS = ("w1", "w2", "w3")
 
 # Shapes of W1 and W2.
 W1_DIM = 64
@@ -95,6 +104,12 @@ W2_CHANNELS = 32
 W2_GROUPS = 8
 W2_SIZE = 16
 W2_IN_CHANNELS = 3
+# W3: CIFAR-10 images.
+W3_IMAGE_SIZE = 32
+W3_IN_CHANNELS = 3
+# The jdeq model-zoo name of W3, and its parameter count (both sides must match it).
+W3_MODEL = "mdeq_cifar_tiny"
+W3_PARAMS = 158_890
 
 
 def workload(name: str) -> Workload:
@@ -158,6 +173,19 @@ def initial_arrays(name: str, seed: int = 0) -> dict[str, np.ndarray]:
   arrays["labels"] = rng.integers(0, NUM_CLASSES, size=(arrays["x"].shape[0],),
                                   dtype=np.int32)
   return arrays
+
+
+def w3_batch(seed: int = 0) -> dict[str, np.ndarray]:
+  """W3's input batch: ``x`` NHWC images ``(64, 32, 32, 3)`` and int32 ``labels``.
+
+  Standard-normal pixels stand in for normalized CIFAR-10 images: a step's cost
+  depends on shapes and budgets only (every solve runs its full budget).
+  """
+  rng = np.random.default_rng(seed)
+  size = W3_IMAGE_SIZE
+  x = rng.standard_normal((W3.batch, size, size, W3_IN_CHANNELS)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, size=(W3.batch,), dtype=np.int32)
+  return {"x": x, "labels": labels}
 
 
 def evaluation_counts(variant: str, spec: Workload, forward_iters: int | None = None

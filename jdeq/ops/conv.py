@@ -10,10 +10,14 @@ convolution: measured on a 2-core x86 CPU for a 3×3, 24→120-channel convoluti
 :func:`conv2d` is a ``jax.custom_jvp`` whose tangent in the weights is the im2col
 product ``patches(x) · vec(ẇ)``; JAX transposes that into the fast matrix product for
 reverse mode, while the tangent in the input stays a convolution (transposed by XLA's
-fast input-gradient path). Being a custom_jvp rather than a custom_vjp, it keeps
-forward mode (``jax.jvp``, ``jax.linearize``), which implicit differentiation of an
-equilibrium relies on. Weight tangents that are symbolically zero (linearizing in the
-state only, as every solver iteration does) cost nothing.
+fast input-gradient path). The weight tangent is checkpointed: reverse mode keeps
+``x`` from the forward pass and builds its ``kh·kw`` times larger patches only in the
+backward pass (measured on W2 of ``experiments/bench``: an unrolled 20-step training
+step 35% faster, its temporary memory 482 → 142 MiB; IFT unchanged). Being a
+custom_jvp rather than a custom_vjp, it keeps forward mode (``jax.jvp``,
+``jax.linearize``), which implicit differentiation of an equilibrium relies on.
+Weight tangents that are symbolically zero (linearizing in the state only, as every
+solver iteration does) cost nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +59,13 @@ def _patches(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int],
                    j:j + strides[1] * (out_w - 1) + 1:strides[1], :]
             for i in range(kernel[0]) for j in range(kernel[1])]
   return slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _weight_tangent(x, w_dot, strides, pads):
+  """``conv(x, ẇ)`` as the im2col product ``patches(x) · vec(ẇ)``."""
+  patches = _patches(x, w_dot.shape[:2], strides, pads)
+  return patches @ w_dot.reshape(-1, w_dot.shape[-1])
 
 
 def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
@@ -122,8 +133,12 @@ def _conv_jvp(strides, pads, primals, tangents):
     (tangent,) = jax.linear_transpose(adjoint, jax.ShapeDtypeStruct(
         out.shape, out.dtype))(x_dot)
   if not isinstance(w_dot, jax.custom_derivatives.SymbolicZero):
-    patches = _patches(x, w.shape[:2], strides, pads)
-    from_weights = patches @ w_dot.reshape(-1, w.shape[-1])
+    # Checkpointed, so that reverse mode keeps x (not its kh·kw times larger
+    # patches) from the forward pass and builds the patches in the backward pass,
+    # right before the one matrix product that needs them: unrolled and phantom
+    # gradients differentiate many map evaluations, each of which would otherwise
+    # write and keep its patches.
+    from_weights = _weight_tangent(x, w_dot, strides, pads)
     tangent = from_weights if tangent is None else tangent + from_weights
   if tangent is None:
     tangent = jnp.zeros_like(out)

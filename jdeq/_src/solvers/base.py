@@ -69,13 +69,17 @@ class AbstractSolver:
 
 
 def _measure(z: jax.Array, fz: jax.Array, stop_mode: str):
+  # Materialize f(z) once: left to itself, XLA fuses the map's last operations (a
+  # normalization, say) into every consumer below and recomputes them in each pass.
+  fz = jax.lax.optimization_barrier(fz)
   g = fz - z
   abs_res = batched_tree.per_sample_norm(g)
   rel_res = abs_res / (batched_tree.per_sample_norm(fz) + jnp.finfo(z.dtype).tiny)
   crit = abs_res if stop_mode == "abs" else rel_res
-  # NaN and inf compare false everywhere below; make them an explicit +inf.
-  crit = jnp.where(jnp.isfinite(crit) & jnp.all(jnp.isfinite(fz), axis=1), crit,
-                   jnp.inf)
+  # A non-finite entry of f(z) (or z) makes ‖g‖ inf or NaN, so checking the norms
+  # catches it without a pass of its own over f(z). NaN and inf compare false
+  # everywhere below; make them an explicit +inf.
+  crit = jnp.where(jnp.isfinite(crit) & jnp.isfinite(abs_res), crit, jnp.inf)
   return g, abs_res, rel_res, crit
 
 
@@ -118,8 +122,9 @@ def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
     active = ~c["done"]
     proposal, state = solver.propose(c["state"], c["z"], c["g"])
     z = jnp.where(active[:, None], proposal, c["z"])
+    # g is not masked: an inactive sample keeps its z, so f(z) and g are the ones it
+    # had, and its proposal is discarded anyway.
     g, abs_res, rel_res, crit = _measure(z, fn(z), solver.stop_mode)
-    g = jnp.where(active[:, None], g, c["g"])
     improved = active & (crit < c["best_crit"])
     exploded = active & (crit > solver.divergence_ratio * c["best_crit"])
     converged = active & (crit <= solver.tol)
