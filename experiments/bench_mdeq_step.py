@@ -10,16 +10,20 @@ solver budgets (the solver runs its full budget unless every sample converges).
 
 from __future__ import annotations
 
+
 import argparse
 import statistics
 import time
 
+import experiments
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from jdeq import models
+
+experiments.use_fast_cpu_convolutions()  # must precede JAX's first computation
 
 
 def main(argv=None) -> None:

@@ -12,13 +12,17 @@ same command again resumes from the latest checkpoint there. The data location i
 
 from __future__ import annotations
 
+
 import argparse
 import os
 import sys
 from typing import Optional, Sequence
 
+import experiments
 from experiments import configs
 from jdeq.train import CheckpointError, apply_overrides, run_experiment
+
+experiments.use_fast_cpu_convolutions()  # must precede JAX's first computation
 
 
 def _parser() -> argparse.ArgumentParser:
