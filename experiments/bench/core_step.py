@@ -23,7 +23,6 @@ Run: ``python -m experiments.bench.core_step [--reps N --rounds R --json PATH]``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -210,10 +209,7 @@ def main(argv: list[str] | None = None) -> int:
   if warning:
     print(warning, file=sys.stderr)
   result = run(reps=args.reps, rounds=args.rounds, warmup=args.warmup, seed=args.seed)
-  print(format_report(result))
-  if args.json:
-    with open(args.json, "w") as out:
-      json.dump(result, out, indent=2)
+  timing.publish(format_report(result), result, args.json)
   return 0
 
 

@@ -236,10 +236,7 @@ def main(argv: list[str] | None = None) -> int:
   if warning:
     print(warning, file=sys.stderr)
   result = profile(args.workload, args.variant, args.steps, args.function)
-  print(format_profile(result, args.top))
-  if args.json:
-    with open(args.json, "w") as out:
-      json.dump(result, out, indent=2)
+  timing.publish(format_profile(result, args.top), result, args.json)
   return 0
 
 

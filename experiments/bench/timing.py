@@ -9,6 +9,7 @@ interquartile range and the range of the per-round medians, which exposes drift
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -118,3 +119,11 @@ def idle_warning(threshold: float = 0.25) -> str | None:
     return (f"WARNING: the machine is not idle (1-min load average {load['load1']:.2f} "
             f"on {load['cores']} cores); timings will be noisy and ratios unreliable")
   return None
+
+
+def publish(text: str, result: dict, json_path: str | None) -> None:
+  """Prints a benchmark's report and, if ``json_path`` is given, writes its figures."""
+  print(text)
+  if json_path:
+    with open(json_path, "w") as out:
+      json.dump(result, out, indent=2)
