@@ -114,3 +114,18 @@ def test_registry_picks_up_new_modules():
   assert {"mdeq_cifar", "mnist_convdeq"} <= modules
   with pytest.raises(ValueError, match="registered twice"):
     configs.register("mdeq_cifar_tiny")(lambda: None)
+
+
+def test_finished_report_checks_the_experiment(tmp_path):
+  import json
+  from jdeq.train import reporting
+  experiment = configs.get("mdeq_cifar_tiny_20min")
+  with pytest.raises(ValueError, match="no report.json"):
+    train.finished_report(str(tmp_path), experiment)
+  recorded = {"train": reporting.to_json(experiment.train),
+              "data": dict(reporting.to_json(experiment.data), data_dir="/elsewhere")}
+  (tmp_path / "report.json").write_text(json.dumps({"config": recorded, "step": 1}))
+  assert train.finished_report(str(tmp_path), experiment)["step"] == 1
+  other = train.apply_overrides(experiment, ["train.lr=0.01"])
+  with pytest.raises(ValueError, match="different experiment: its train settings"):
+    train.finished_report(str(tmp_path), other)

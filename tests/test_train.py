@@ -190,6 +190,36 @@ def test_nonfinite_gradient_skips_the_update(dataset):
     np.testing.assert_array_equal(old, new)
 
 
+def test_split_regularized_steps_replay_the_in_graph_draws(dataset):
+  """fit's pair of compiled steps, chosen by the pre-drawn decisions, computes what
+  the single lax.cond step computes."""
+  images, labels = dataset
+  config = train.TrainConfig(total_steps=6, lr=0.05, jac_gamma=0.5, jac_prob=0.5,
+                             forward_budget=10, jac_budget_jitter=2)
+  optimizer = train.make_optimizer(config, 6)
+  jacobian = train.JacobianSchedule.from_config(config, 6)
+  make = lambda regularized: train.make_train_step(
+      optimizer, jacobian, unrolled=False, regularized=regularized, donate=False)
+  in_graph, split = make(None), {True: make(True), False: make(False)}
+  state = train.create_train_state(_model(), optimizer, seed=3)
+  decisions = jacobian.regularized_steps(state.rng, 6)
+  assert 0 < decisions.sum() < 6, decisions  # both kinds of step are exercised
+  cond_state = split_state = state
+  for step in range(6):
+    batch = {"image": images[16 * step:16 * step + 16],
+             "label": labels[16 * step:16 * step + 16]}
+    cond_state, cond_metrics = in_graph(cond_state, batch)
+    split_state, split_metrics = split[bool(decisions[step])](split_state, batch)
+    assert float(cond_metrics.regularized) == float(decisions[step])
+    np.testing.assert_allclose(split_metrics.loss, cond_metrics.loss, rtol=1e-5)
+    np.testing.assert_allclose(split_metrics.jac_loss, cond_metrics.jac_loss,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(split_metrics.fwd_nfe, cond_metrics.fwd_nfe)
+  for a, b in zip(jax.tree.leaves(cond_state.params),
+                  jax.tree.leaves(split_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_fit_trains_logs_reports_and_plots(dataset, tmp_path):
   images, labels = dataset
   config = train.TrainConfig(total_steps=24, lr=0.05, pretrain_steps=4,

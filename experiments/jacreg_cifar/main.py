@@ -34,8 +34,8 @@ import experiments
 import jdeq
 from experiments.configs import mdeq_cifar
 from jdeq import data, models
-from jdeq.train import (apply_overrides, budget_sweep, make_optimizer, model_config,
-                        restore_state, run_experiment)
+from jdeq.train import (apply_overrides, budget_sweep, finished_report,
+                        make_optimizer, model_config, restore_state, run_experiment)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -110,8 +110,11 @@ def main(argv=None) -> int:
     experiment = arm_experiment(arm, args.minutes, steps, args.gamma, args.prob,
                                 args.seed)
     workdir = os.path.join(args.out, arm)
-    report = run_experiment(experiment, workdir=workdir, data_dir=args.data_dir,
-                            name=f"jacreg_cifar/{arm}")
+    if os.path.exists(os.path.join(workdir, "report.json")):
+      report = finished_report(workdir, experiment)  # finished: not run again
+    else:
+      report = run_experiment(experiment, workdir=workdir, data_dir=args.data_dir,
+                              name=f"jacreg_cifar/{arm}")
     traced = dataclasses.replace(experiment, model_overrides={
         **experiment.model_overrides, "eval_solver": TRACE_SOLVER})
     data_config = dataclasses.replace(experiment.data, data_dir=args.data_dir)

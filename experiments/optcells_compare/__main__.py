@@ -38,8 +38,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import experiments
 from experiments.configs import mdeq_cifar, mopteqs_recognition  # noqa: E402
-from jdeq.train import (ExperimentConfig, apply_overrides, reporting,  # noqa: E402
-                        run_experiment)
+from jdeq.train import (ExperimentConfig, apply_overrides,  # noqa: E402
+                        finished_report, reporting, run_experiment)
 
 experiments.use_fast_cpu_convolutions()  # must precede JAX's first computation
 
@@ -65,26 +65,6 @@ def _mdeq_tiny(minutes: float) -> ExperimentConfig:
 # model label -> its budgeted experiment for a number of training minutes
 EXPERIMENTS = {"mopteqs": _optimization_cell("mopteqs"),
                "geq": _optimization_cell("geq"), "mdeq_tiny": _mdeq_tiny}
-
-
-def check_reusable(workdir: str, experiment: ExperimentConfig) -> None:
-  """Raises ``ValueError`` unless ``workdir`` holds a finished run of ``experiment``."""
-  path = os.path.join(workdir, "report.json")
-  if not os.path.exists(path):
-    raise ValueError(f"--reuse: no report.json in {workdir} (the run has not finished)")
-  with open(path) as handle:
-    recorded = json.load(handle)["config"]
-  expected = {"train": reporting.to_json(experiment.train),
-              "data": reporting.to_json(experiment.data)}
-  for section, value in expected.items():
-    stored = dict(recorded.get(section, {}))
-    value = dict(value)
-    for settings in (stored, value):  # where the data lives is not the experiment
-      settings.pop("data_dir", None)
-    if stored != value:
-      raise ValueError(f"--reuse: the run in {workdir} is a different experiment: "
-                       f"its {section} settings are {stored}, this comparison needs "
-                       f"{value}")
 
 
 def summarize(label: str, workdir: str) -> dict:
@@ -153,9 +133,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if label in reuse:
       workdir = reuse[label]
       try:
-        check_reusable(workdir, experiment)
+        finished_report(workdir, experiment)
       except ValueError as error:
-        parser.error(str(error))
+        parser.error(f"--reuse: {error}")
       print(f"== {label}: reusing the finished run in {workdir}", flush=True)
     else:
       workdir = os.path.join(args.out, label)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 from flax import nnx
@@ -171,3 +173,30 @@ def run_experiment(experiment: ExperimentConfig, *, workdir: str,
                         "num_classes": info.num_classes,
                         "image_shape": info.image_shape}},
       progress=progress)
+
+
+def finished_report(workdir: str, experiment: ExperimentConfig) -> dict[str, Any]:
+  """The report of the finished run of ``experiment`` in ``workdir``.
+
+  Raises:
+    ValueError: ``workdir`` holds no finished run (no ``report.json``), or one of a
+      different experiment (its recorded train or data settings differ; where the
+      data lives does not count).
+  """
+  from jdeq.train import reporting
+  path = os.path.join(workdir, "report.json")
+  if not os.path.exists(path):
+    raise ValueError(f"no report.json in {workdir} (the run has not finished)")
+  with open(path) as handle:
+    report = json.load(handle)
+  expected = {"train": reporting.to_json(experiment.train),
+              "data": reporting.to_json(experiment.data)}
+  for section, value in expected.items():
+    stored = dict(report["config"].get(section, {}))
+    value = dict(value)
+    for settings in (stored, value):
+      settings.pop("data_dir", None)
+    if stored != value:
+      raise ValueError(f"the run in {workdir} is a different experiment: its "
+                       f"{section} settings are {stored}, expected {value}")
+  return report

@@ -101,7 +101,11 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
              "devices": mesh.size, "num_params": num_params(state)})
 
   pretrain_step = make_train_step(optimizer, jacobian, unrolled=True, mesh=mesh)
-  equilibrium_step = make_train_step(optimizer, jacobian, unrolled=False, mesh=mesh)
+  equilibrium_step = make_train_step(optimizer, jacobian, unrolled=False,
+                                     regularized=False, mesh=mesh)
+  regularized_step = make_train_step(optimizer, jacobian, unrolled=False,
+                                     regularized=True, mesh=mesh)
+  regularized_at = jacobian.regularized_steps(state.rng, total_steps)
   eval_step = make_eval_step(mesh=mesh)
 
   def run_eval(step: int) -> dict[str, float]:
@@ -124,7 +128,10 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
   while step < total_steps:
     host_batch = next(batches)
     batch_size = len(host_batch["label"])
-    step_fn = pretrain_step if step < config.pretrain_steps else equilibrium_step
+    if step < config.pretrain_steps:
+      step_fn = pretrain_step
+    else:
+      step_fn = regularized_step if regularized_at[step] else equilibrium_step
     state, step_metrics = step_fn(state, _device_batch(host_batch, mesh))
     interval_total = metrics_lib.accumulate(interval_total, step_metrics)
     interval_steps += 1

@@ -10,8 +10,10 @@ with the Hutchinson estimate of ``‖J‖²_F / d`` computed by the model at ``z
 
 On regularized steps the forward budget is jittered by a small random integer, as in
 the reference code, so the model does not learn to converge at one exact budget.
-Every quantity here is a traced function of the step and an explicit key, so the
-jitted train step is compiled once and the draws replay exactly after a resume.
+Every quantity here is a function of the step and an explicit key, so the draws
+replay exactly after a resume; the decisions τ_t can also be drawn for the whole
+run up front (:meth:`JacobianSchedule.regularized_steps`), which lets the training
+loop pick a separately compiled regularized step without a host sync per step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdeq.train.config import TrainConfig
 
@@ -76,16 +79,22 @@ class JacobianSchedule:
       gamma = jnp.where(step < self.stop_step, gamma, 0.0)
     return gamma
 
-  def draw(self, key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array,
-                                                           Optional[jax.Array]]:
+  def draw(self, key: jax.Array, step: jax.Array,
+           regularize: Optional[bool] = None
+           ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
     """Returns ``(regularize, gamma, budget)`` for one step.
 
-    ``regularize`` is ``τ ∧ γ(t) > 0``; ``budget`` is the int32 forward budget of
-    the step (jittered when regularized) or None when the model's own is used.
+    ``regularize`` is ``τ ∧ γ(t) > 0`` (or the given decision, when the caller has
+    drawn it beforehand with :meth:`regularized_steps`); ``budget`` is the int32
+    forward budget of the step (jittered when regularized) or None when the
+    model's own is used.
     """
     draw_key, jitter_key = jax.random.split(key)
     gamma = self.gamma_at(step)
-    regularize = jax.random.bernoulli(draw_key, self.prob) & (gamma > 0)
+    if regularize is None:
+      regularize = jax.random.bernoulli(draw_key, self.prob) & (gamma > 0)
+    else:
+      regularize = jnp.asarray(regularize)
     if self.forward_budget is None:
       return regularize, gamma, None
     budget = jnp.asarray(self.forward_budget, jnp.int32)
@@ -94,3 +103,16 @@ class JacobianSchedule:
                                   self.budget_jitter + 1)
       budget = jnp.where(regularize, jnp.maximum(budget + jitter, 1), budget)
     return regularize, gamma, budget
+
+  def regularized_steps(self, rng: jax.Array, num_steps: int) -> np.ndarray:
+    """The decisions ``τ_t ∧ γ(t) > 0`` for steps ``0 … num_steps − 1``, on the host.
+
+    They are the draws the train step makes with key ``fold_in(rng, t)``, computed
+    in one call before training, so that a loop can run a separately compiled
+    regularized step without a host sync per step.
+    """
+    if not self.enabled:
+      return np.zeros(num_steps, bool)
+    decide = jax.jit(jax.vmap(
+        lambda t: self.draw(jax.random.fold_in(rng, t), t)[0]))
+    return np.asarray(jax.device_get(decide(jnp.arange(num_steps, dtype=jnp.int32))))
