@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 from flax import nnx
 
 from jdeq._src.config import config
+from jdeq.train import reporting
 from jdeq.train.config import TrainConfig
 from jdeq.train.loop import fit
 
@@ -183,7 +184,6 @@ def finished_report(workdir: str, experiment: ExperimentConfig) -> dict[str, Any
       different experiment (its recorded train or data settings differ; where the
       data lives does not count).
   """
-  from jdeq.train import reporting
   path = os.path.join(workdir, "report.json")
   if not os.path.exists(path):
     raise ValueError(f"no report.json in {workdir} (the run has not finished)")
@@ -192,7 +192,7 @@ def finished_report(workdir: str, experiment: ExperimentConfig) -> dict[str, Any
   expected = {"train": reporting.to_json(experiment.train),
               "data": reporting.to_json(experiment.data)}
   for section, value in expected.items():
-    stored = dict(report["config"].get(section, {}))
+    stored = dict(report.get("config", {}).get(section, {}))
     value = dict(value)
     for settings in (stored, value):
       settings.pop("data_dir", None)
