@@ -121,7 +121,10 @@ def test_map_without_fixed_point_never_converges(solver):
 @pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
 def test_exploding_iterates_are_flagged_diverged(solver):
   exploding = lambda z, a: z + a * jnp.exp(z * z)
-  z0 = jnp.array([[1 / 3], [1.0]]) * jnp.ones((2, 3))
+  # Starts from which every solver explodes within a few steps: from a start near
+  # 0, Anderson's extrapolation can wander for a hundred steps before it does, and
+  # when depends on float rounding.
+  z0 = jnp.array([[-0.5], [1.0]]) * jnp.ones((2, 3))
   z, stats = jdeq.fixed_point(exploding, z0, jnp.float32(1.0), solver=solver)
   assert np.all(stats.diverged) and not np.any(stats.converged)
   assert np.all(np.isfinite(z))
