@@ -96,3 +96,21 @@ def test_variational_dropout_mask():
                                      spatial_dims=0).shape == (2, 3)
   with pytest.raises(ValueError, match="rate"):
     nn.variational_dropout_mask(jax.random.key(0), 2, 3, 1.0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_matches_flax_group_norm(x64, affine):
+  """jdeq's spatial-first GroupNorm against flax's, values and parameter tree."""
+  x = 3 * jax.random.normal(jax.random.key(0), (3, 5, 6, 12), jnp.float64) + 1
+  theirs = nnx.GroupNorm(12, num_groups=4, epsilon=1e-5, use_scale=affine,
+                         use_bias=affine, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  ours = nn.GroupNorm(12, 4, epsilon=1e-5, affine=affine, param_dtype=jnp.float64)
+  if affine:
+    for module in (theirs, ours):
+      module.scale[...] = jnp.linspace(-1.0, 2.0, 12)
+      module.bias[...] = jnp.linspace(0.5, 1.5, 12)
+  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-12)
+  assert (jax.tree.structure(nnx.state(ours, nnx.Param))
+          == jax.tree.structure(nnx.state(theirs, nnx.Param)))
+  with pytest.raises(ValueError, match="groups"):
+    nn.GroupNorm(10, 4, epsilon=1e-5)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jdeq.ops import conv2d
+from jdeq.ops import conv as conv_module
 
 
 def _lax(x, w, strides, padding):
@@ -33,6 +34,25 @@ def test_matches_lax_convolution(x64, x_shape, w_shape, strides, padding):
   tangents = (jax.random.normal(kt, x_shape, jnp.float64), 0.5 * w)
   np.testing.assert_allclose(jax.jvp(ours, (x, w), tangents)[1],
                              jax.jvp(theirs, (x, w), tangents)[1], atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", ["im2col", "native"])  # the suite's default: forward_conv
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", [
+    ((4, 9, 8, 5), (3, 3, 5, 7), (2, 2), "SAME"),
+    ((2, 6, 6, 3), (3, 3, 3, 2), (2, 1), ((1, 0), (2, 1))),
+])
+def test_every_weight_gradient_form_matches_lax(x64, monkeypatch, kind, x_shape, w_shape,
+                                               strides, padding):
+  """Each backend's weight-gradient form (chosen at trace time) is lax's gradient."""
+  monkeypatch.setattr(conv_module, "_weight_gradient_kind", lambda: kind)
+  kx, kw = jax.random.split(jax.random.PRNGKey(1))
+  x = jax.random.normal(kx, x_shape, jnp.float64)
+  w = jax.random.normal(kw, w_shape, jnp.float64)
+  loss = lambda conv: lambda w: jnp.sum(jnp.sin(conv(x, w, strides, padding)))
+  np.testing.assert_allclose(jax.grad(loss(conv2d))(w), jax.grad(loss(_lax))(w),
+                             atol=1e-11)
+  np.testing.assert_allclose(jax.jvp(lambda w: conv2d(x, w, strides, padding), (w,), (w,))[1],
+                             _lax(x, w, strides, padding), atol=1e-11)
 
 
 def test_linearizing_in_the_input_only_skips_the_patches():

@@ -30,6 +30,7 @@ from flax import nnx
 
 import jdeq
 from jdeq import models
+from jdeq.nn import group_norm_nhwc
 from jdeq.ops import conv2d
 from experiments.bench import workloads
 
@@ -69,37 +70,14 @@ def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return conv2d(x, kernel)
 
 
-def group_norm(x: jax.Array, groups: int, scale: jax.Array, bias: jax.Array) -> jax.Array:
-  """GroupNorm over (H, W, C/groups) of an NHWC tensor, per sample (two-pass, biased).
-
-  The statistics are summed per channel over the image first, then over the
-  channels of each group: a reduction over the contiguous spatial axes, which XLA's
-  CPU reductions (YNNPACK) run ~10% faster per W2 map evaluation than one over the
-  grouped axes (H, W, C/groups) of a (B, H, W, groups, C/groups) view.
-  """
-  b, h, w, c = x.shape
-  per_group = c // groups
-  count = h * w * per_group
-
-  def group_mean(values):  # (B, H, W, C) → (B, groups)
-    return jnp.sum(jnp.sum(values, axis=(1, 2)).reshape(b, groups, per_group), axis=2) / count
-
-  def per_channel(stat):  # (B, groups) → (B, 1, 1, C)
-    return jnp.repeat(stat, per_group, axis=1)[:, None, None, :]
-
-  centered = x - per_channel(group_mean(x))
-  inverse_std = per_channel(jax.lax.rsqrt(group_mean(jnp.square(centered)) +
-                                          GROUP_NORM_EPSILON))
-  return centered * inverse_std * scale + bias
-
-
 def _mlp_map(z, weight, injection):
   return jnp.tanh(z @ weight.T + injection)
 
 
 def _conv_map(z, conv1, conv2, conv2_bias, injection, gn_scale, gn_bias):
   y = _conv(jax.nn.relu(_conv(z, conv1)), conv2) + conv2_bias
-  return group_norm(jax.nn.relu(y + injection), workloads.W2_GROUPS, gn_scale, gn_bias)
+  return group_norm_nhwc(jax.nn.relu(y + injection), workloads.W2_GROUPS, gn_scale,
+                         gn_bias, GROUP_NORM_EPSILON)
 
 
 def mlp_cell(seed: int = 0) -> Cell:

@@ -5,6 +5,8 @@
 * :class:`WeightNorm`, :class:`SpectralNorm` — reparameterizations of any
   Linear/Conv kernel, computed once per forward pass;
 * :func:`variational_dropout_mask` — per-sample, per-channel locked dropout;
+* :class:`GroupNorm` / :func:`group_norm_nhwc` — per-sample GroupNorm of NHWC
+  features, the statistics reduced spatially first (faster on XLA:CPU);
 * multi-resolution utilities shared by multiscale models (:class:`MultiscaleFusion`,
   :class:`UpsampleFusion`, :class:`DownsampleFusion`, :func:`group_norm`, …).
 """
@@ -12,6 +14,7 @@
 from jdeq.nn.conv import Conv
 from jdeq.nn.deq import DEQ, DEQAux, EquilibriumCell
 from jdeq.nn.dropout import variational_dropout_mask
+from jdeq.nn.group_norm import GroupNorm, group_norm_nhwc
 from jdeq.nn.multiscale import (NORM_EPSILON, DownsampleFusion, MultiscaleFusion,
                                 UpsampleFusion, bilinear_resize, group_norm,
                                 nearest_upsample)
@@ -20,8 +23,8 @@ from jdeq.nn.normalization import (SpectralNorm, SpectralVector, WeightNorm,
                                    kernel_norm)
 
 __all__ = (
-    "Conv", "DEQ", "DEQAux", "DownsampleFusion", "EquilibriumCell", "MultiscaleFusion",
+    "Conv", "DEQ", "DEQAux", "DownsampleFusion", "EquilibriumCell", "GroupNorm", "MultiscaleFusion",
     "NORM_EPSILON", "SpectralNorm", "SpectralVector", "UpsampleFusion", "WeightNorm",
     "apply_layer", "bilinear_resize", "call_with_kernel", "effective_weight",
-    "group_norm", "kernel_norm", "nearest_upsample", "variational_dropout_mask",
+    "group_norm", "group_norm_nhwc", "kernel_norm", "nearest_upsample", "variational_dropout_mask",
 )

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdeq.nn.conv import Conv
+from jdeq.nn.group_norm import GroupNorm
 
 Initializer = Callable[..., jax.Array]
 
@@ -22,13 +23,9 @@ NORM_EPSILON = 1e-5
 
 
 def group_norm(channels: int, num_groups: int, *, affine: bool = True,
-               rngs: nnx.Rngs) -> nnx.GroupNorm:
+               rngs: nnx.Rngs) -> GroupNorm:
   """A per-sample GroupNorm over NHWC features (no batch statistics)."""
-  if num_groups < 1 or channels % num_groups:
-    raise ValueError(f"GroupNorm: {channels} channels cannot be split into "
-                     f"{num_groups} groups")
-  return nnx.GroupNorm(channels, num_groups=num_groups, epsilon=NORM_EPSILON,
-                       use_scale=affine, use_bias=affine, rngs=rngs)
+  return GroupNorm(channels, num_groups, epsilon=NORM_EPSILON, affine=affine, rngs=rngs)
 
 
 def nearest_upsample(x: jax.Array, factor: int) -> jax.Array:

@@ -1,28 +1,39 @@
-"""2-D convolution whose weight gradient is one matrix product.
+"""2-D convolution with fast gradients on XLA's CPU backend.
 
-XLA's CPU backend computes the weight gradient of a convolution (the
-"backprop-filter" convolution) an order of magnitude slower than the forward
-convolution: measured on a 2-core x86 CPU for a 3×3, 24→120-channel convolution on
-64×32×32 inputs, about 2 GFLOP/s against 35 GFLOP/s forward. Written as
-``patches(x)ᵀ · dy``, the same gradient runs at the speed of a plain matrix product
-(about 17 GFLOP/s on the same machine).
+Two of the convolutions that reverse mode derives from a forward convolution are
+slow on XLA:CPU, depending on which library runs its convolutions:
 
-:func:`conv2d` is a ``jax.custom_jvp`` whose tangent in the weights is the im2col
-product ``patches(x) · vec(ẇ)``; JAX transposes that into the fast matrix product for
-reverse mode, while the tangent in the input stays a convolution (transposed by XLA's
-fast input-gradient path). The weight tangent is checkpointed: reverse mode keeps
-``x`` from the forward pass and builds its ``kh·kw`` times larger patches only in the
-backward pass (measured on W2 of ``experiments/bench``: an unrolled 20-step training
-step 35% faster, its temporary memory 482 → 142 MiB; IFT unchanged). Being a
-custom_jvp rather than a custom_vjp, it keeps forward mode (``jax.jvp``,
-``jax.linearize``), which implicit differentiation of an equilibrium relies on.
-Weight tangents that are symbolically zero (linearizing in the state only, as every
-solver iteration does) cost nothing.
+* the input adjoint, as JAX's transpose rule writes it (a convolution with swapped
+  kernel dimensions), runs ~40x slower inside loops (solver and scan bodies), where
+  XLA does not re-layout the kernel. :func:`conv2d` writes it as a forward
+  convolution with the flipped HWIO kernel, on every backend.
+* the weight gradient ("backprop-filter" convolution). With YNNPACK's
+  convolutions (XLA:CPU's default) it runs at ~2 GFLOP/s against 35 GFLOP/s
+  forward (3×3, 24→120 channels, 64×32×32 inputs, 2-core x86); there the weight
+  tangent is the im2col product ``patches(x) · vec(ẇ)``, which JAX transposes into
+  one matrix product (~17 GFLOP/s). With XLA's own (Eigen) convolutions
+  (``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``, which every
+  jdeq entry point sets) the native form is fast at the top level of a program
+  but 20–100x slower inside loops; there the gradient is written as a forward
+  convolution of the transposed input by the cotangent (:func:`_weight_adjoint`),
+  fast in both places (benchmark W2 steps: IFT 9%, phantom 14%, unrolled 29%
+  faster than im2col; MDEQ-Tiny's unrolled step 12% faster, its IFT step
+  unchanged). On accelerators the native form is used.
+
+The im2col weight tangent is checkpointed: reverse mode keeps ``x`` from the forward
+pass and builds its ``kh·kw`` times larger patches only in the backward pass
+(unrolled and phantom gradients differentiate many map evaluations, each of which
+would otherwise write and keep its patches). Being a custom_jvp rather than a
+custom_vjp, :func:`conv2d` keeps forward mode (``jax.jvp``, ``jax.linearize``),
+which implicit differentiation of an equilibrium relies on. Weight tangents that are
+symbolically zero (linearizing in the state only, as every solver iteration does)
+cost nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence, Union
 
 import jax
@@ -66,6 +77,31 @@ def _weight_tangent(x, w_dot, strides, pads):
   """``conv(x, ẇ)`` as the im2col product ``patches(x) · vec(ẇ)``."""
   patches = _patches(x, w_dot.shape[:2], strides, pads)
   return patches @ w_dot.reshape(-1, w_dot.shape[-1])
+
+
+def _weight_adjoint(cotangent, *, x, kernel, strides, pads):
+  """The adjoint of ``ẇ ↦ conv(x, ẇ)`` as a forward NHWC/HWIO convolution.
+
+  ``∂w[i, j, c, o] = Σ_{n,h,w} x_pad[n, s·h + i, s·w + j, c] · ∂y[n, h, w, o]``: a
+  convolution of ``x`` with the samples as input features and the channels as the
+  batch (``(C, H, W, N)``) by the cotangent as a ``(H', W', N, O)`` kernel, dilated
+  by the stride. The barrier keeps XLA from folding the transpose of ``x`` back
+  into the dimension numbers, which would restore the slow backprop-filter form.
+  """
+  lhs = jax.lax.optimization_barrier(jnp.transpose(x, (3, 1, 2, 0)))
+  rhs = jnp.transpose(cotangent, (1, 2, 0, 3))
+  out = jax.lax.conv_general_dilated(lhs, rhs, (1, 1), pads, rhs_dilation=strides,
+                                     dimension_numbers=_DIMENSIONS)
+  return jnp.transpose(out[:, :kernel[0], :kernel[1], :], (1, 2, 0, 3))
+
+
+def _weight_tangent_by_forward_conv(x, w_dot, strides, pads):
+  """``conv(x, ẇ)`` written as the transpose of :func:`_weight_adjoint`."""
+  out_shape = jax.eval_shape(lambda: _lax_conv(x, w_dot, strides, pads))
+  adjoint = functools.partial(_weight_adjoint, x=x, kernel=w_dot.shape[:2],
+                              strides=strides, pads=pads)
+  (tangent,) = jax.linear_transpose(adjoint, out_shape)(w_dot)
+  return tangent
 
 
 def conv2d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1),
@@ -133,16 +169,30 @@ def _conv_jvp(strides, pads, primals, tangents):
     (tangent,) = jax.linear_transpose(adjoint, jax.ShapeDtypeStruct(
         out.shape, out.dtype))(x_dot)
   if not isinstance(w_dot, jax.custom_derivatives.SymbolicZero):
-    # Checkpointed, so that reverse mode keeps x (not its kh·kw times larger
-    # patches) from the forward pass and builds the patches in the backward pass,
-    # right before the one matrix product that needs them: unrolled and phantom
-    # gradients differentiate many map evaluations, each of which would otherwise
-    # write and keep its patches.
-    from_weights = _weight_tangent(x, w_dot, strides, pads)
+    from_weights = _WEIGHT_TANGENTS[_weight_gradient_kind()](x, w_dot, strides, pads)
     tangent = from_weights if tangent is None else tangent + from_weights
   if tangent is None:
     tangent = jnp.zeros_like(out)
   return out, tangent
+
+
+def _weight_gradient_kind() -> str:
+  """Which weight-gradient form is fastest here (see the module docstring).
+
+  Read at trace time; the choice changes speed only, never the result.
+  """
+  if jax.default_backend() != "cpu":
+    return "native"
+  if "-individual_convolution" in os.environ.get("XLA_FLAGS", ""):
+    return "forward_conv"  # XLA's own (Eigen) convolutions
+  return "im2col"  # YNNPACK's convolutions, XLA:CPU's default
+
+
+_WEIGHT_TANGENTS = {
+    "native": lambda x, w_dot, strides, pads: _lax_conv(x, w_dot, strides, pads),
+    "forward_conv": _weight_tangent_by_forward_conv,
+    "im2col": _weight_tangent,
+}
 
 
 _conv = jax.custom_jvp(_conv.fun, nondiff_argnums=(0, 1))
