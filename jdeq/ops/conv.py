@@ -14,7 +14,7 @@ slow on XLA:CPU, depending on which library runs its convolutions:
   one matrix product (~17 GFLOP/s). With XLA's own (Eigen) convolutions
   (``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``, which every
   jdeq entry point sets) the native form is fast at the top level of a program
-  but 20–100x slower inside loops; there the gradient is written as a forward
+  but 25–70x slower than im2col inside loops; there the gradient is written as a forward
   convolution of the transposed input by the cotangent (:func:`_weight_adjoint`),
   fast in both places (benchmark W2 steps: IFT 9%, phantom 14%, unrolled 29%
   faster than im2col; MDEQ-Tiny's unrolled step 12% faster, its IFT step
