@@ -2,12 +2,7 @@
 
 import os
 
-#: XLA's CPU backend hands convolutions to YNNPACK by default. Its own (Eigen)
-#: convolutions are as fast on one core and, unlike YNNPACK's, keep every core busy:
-#: on a 2-core CPU, MDEQ-Tiny training steps run 25–35% faster and evaluation
-#: passes 35% faster with them (``experiments/bench`` measures W2/W3 both ways).
-#: Only the CPU backend reads the flag.
-CPU_CONVOLUTION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+from jdeq.ops import CPU_CONVOLUTION_FLAG  # importing JAX does not start a backend
 
 
 def use_fast_cpu_convolutions() -> None:

@@ -30,13 +30,12 @@ from flax import nnx
 
 import jdeq
 from jdeq import models
-from jdeq.nn import group_norm_nhwc
+from jdeq.nn import NORM_EPSILON, group_norm_nhwc
 from jdeq.ops import conv2d
 from experiments.bench import workloads
 
 PyTree = Any
 LEARNING_RATE = 1e-4
-GROUP_NORM_EPSILON = 1e-5  # torch.nn.GroupNorm's default, for identical maps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +76,7 @@ def _mlp_map(z, weight, injection):
 def _conv_map(z, conv1, conv2, conv2_bias, injection, gn_scale, gn_bias):
   y = _conv(jax.nn.relu(_conv(z, conv1)), conv2) + conv2_bias
   return group_norm_nhwc(jax.nn.relu(y + injection), workloads.W2_GROUPS, gn_scale,
-                         gn_bias, GROUP_NORM_EPSILON)
+                         gn_bias, NORM_EPSILON)
 
 
 def mlp_cell(seed: int = 0) -> Cell:

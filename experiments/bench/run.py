@@ -48,7 +48,7 @@ MEMORY_BUDGETS = (10, 30, 100)
 MEMORY_VARIANTS = ("anderson/ift", workloads.UNROLLED)
 # W3's memory scaling would compile six MDEQ steps (minutes on a 2-core CPU).
 MEMORY_WORKLOADS = ("w1", "w2")
-# XLA's own convolutions instead of YNNPACK's (see experiments.CPU_CONVOLUTION_FLAG):
+# XLA's own convolutions instead of YNNPACK's (see jdeq.ops.CPU_CONVOLUTION_FLAG):
 # about 2x on a 2-core CPU for W2's and W3's convolutions. Reductions stay with
 # YNNPACK: faster for MDEQ's GroupNorms (~10% of a W3 map evaluation).
 DEFAULT_XLA_FLAGS = experiments.CPU_CONVOLUTION_FLAG

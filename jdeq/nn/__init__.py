@@ -23,8 +23,9 @@ from jdeq.nn.normalization import (SpectralNorm, SpectralVector, WeightNorm,
                                    kernel_norm)
 
 __all__ = (
-    "Conv", "DEQ", "DEQAux", "DownsampleFusion", "EquilibriumCell", "GroupNorm", "MultiscaleFusion",
-    "NORM_EPSILON", "SpectralNorm", "SpectralVector", "UpsampleFusion", "WeightNorm",
-    "apply_layer", "bilinear_resize", "call_with_kernel", "effective_weight",
-    "group_norm", "group_norm_nhwc", "kernel_norm", "nearest_upsample", "variational_dropout_mask",
+    "Conv", "DEQ", "DEQAux", "DownsampleFusion", "EquilibriumCell", "GroupNorm",
+    "MultiscaleFusion", "NORM_EPSILON", "SpectralNorm", "SpectralVector",
+    "UpsampleFusion", "WeightNorm", "apply_layer", "bilinear_resize",
+    "call_with_kernel", "effective_weight", "group_norm", "group_norm_nhwc",
+    "kernel_norm", "nearest_upsample", "variational_dropout_mask",
 )

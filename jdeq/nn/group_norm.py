@@ -18,14 +18,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def _check_groups(channels: int, num_groups: int) -> None:
+  if num_groups < 1 or channels % num_groups:
+    raise ValueError(f"GroupNorm: {channels} channels cannot be split into "
+                     f"{num_groups} groups")
+
+
 def group_norm_nhwc(x: jax.Array, num_groups: int, scale: jax.Array | None,
                     bias: jax.Array | None, epsilon: float) -> jax.Array:
   """GroupNorm of an NHWC array (``scale``/``bias``: ``(C,)`` or None)."""
   if x.ndim != 4:
     raise ValueError(f"GroupNorm expects NHWC features, got shape {x.shape}")
   b, h, w, c = x.shape
-  if c % num_groups:
-    raise ValueError(f"GroupNorm: {c} channels cannot be split into {num_groups} groups")
+  _check_groups(c, num_groups)
   per_group = c // num_groups
   count = h * w * per_group
 
@@ -58,9 +63,7 @@ class GroupNorm(nnx.Module):
                affine: bool = True, param_dtype: jnp.dtype = jnp.float32,
                rngs: nnx.Rngs | None = None):
     del rngs  # the parameters start at 1 and 0
-    if num_groups < 1 or num_features % num_groups:
-      raise ValueError(f"GroupNorm: {num_features} channels cannot be split into "
-                       f"{num_groups} groups")
+    _check_groups(num_features, num_groups)
     self.num_groups = num_groups
     self.epsilon = epsilon
     self.scale = nnx.Param(jnp.ones((num_features,), param_dtype)) if affine else None

@@ -12,8 +12,7 @@ slow on XLA:CPU, depending on which library runs its convolutions:
   forward (3×3, 24→120 channels, 64×32×32 inputs, 2-core x86); there the weight
   tangent is the im2col product ``patches(x) · vec(ẇ)``, which JAX transposes into
   one matrix product (~17 GFLOP/s). With XLA's own (Eigen) convolutions
-  (``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``, which every
-  jdeq entry point sets) the native form is fast at the top level of a program
+  (:data:`CPU_CONVOLUTION_FLAG`, which every jdeq entry point sets) the native form is fast at the top level of a program
   but 25–70x slower than im2col inside loops; there the gradient is written as a forward
   convolution of the transposed input by the cotangent (:func:`_weight_adjoint`),
   fast in both places (benchmark W2 steps: IFT 9%, phantom 14%, unrolled 29%
@@ -40,6 +39,14 @@ import jax
 import jax.numpy as jnp
 
 Padding = Union[str, Sequence[tuple[int, int]]]
+
+#: The XLA_FLAGS option that makes XLA:CPU run convolutions with its own (Eigen)
+#: kernels instead of YNNPACK's. Eigen's are as fast on one core and, unlike
+#: YNNPACK's, keep every core busy: on a 2-core CPU, MDEQ-Tiny training steps run
+#: 25–35% faster and evaluation passes 35% faster with them (``experiments/bench``
+#: measures W2/W3 both ways). Only the CPU backend reads it, when it starts.
+_YNN_WITHOUT_CONVOLUTIONS = "-individual_convolution"
+CPU_CONVOLUTION_FLAG = f"--xla_cpu_experimental_ynn_fusion_type={_YNN_WITHOUT_CONVOLUTIONS}"
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -183,7 +190,7 @@ def _weight_gradient_kind() -> str:
   """
   if jax.default_backend() != "cpu":
     return "native"
-  if "-individual_convolution" in os.environ.get("XLA_FLAGS", ""):
+  if _YNN_WITHOUT_CONVOLUTIONS in os.environ.get("XLA_FLAGS", ""):
     return "forward_conv"  # XLA's own (Eigen) convolutions
   return "im2col"  # YNNPACK's convolutions, XLA:CPU's default
 
