@@ -23,7 +23,7 @@ from flax import nnx
 
 from jdeq import models
 
-experiments.use_fast_cpu_convolutions()  # must precede JAX's first computation
+experiments.tune_cpu_runtime()  # must precede JAX's first computation
 
 
 def main(argv=None) -> None:

@@ -22,7 +22,7 @@ import experiments
 from experiments import configs
 from jdeq.train import CheckpointError, apply_overrides, run_experiment
 
-experiments.use_fast_cpu_convolutions()  # must precede JAX's first computation
+experiments.tune_cpu_runtime()  # must precede JAX's first computation
 
 
 def _parser() -> argparse.ArgumentParser:

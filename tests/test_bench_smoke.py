@@ -99,3 +99,17 @@ def test_profile_attributes_loop_time_to_phases():
 
 def test_thread_pinning_keeps_all_cores_by_default():
   assert timing.pin_threads(0) == len(os.sched_getaffinity(0))
+
+
+def test_torch_worker_modules_import_without_jax():
+  # The TorchDEQ worker runs in an environment without JAX: the modules it imports
+  # (torch_side itself also needs torch, which is not in this environment) and the
+  # packages above them must not import JAX.
+  import subprocess
+  code = ("import sys; import experiments.bench.timing, experiments.bench.workloads; "
+          "leaked = sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jdeq'}); "
+          "sys.exit(f'imported {leaked}' if leaked else 0)")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=root))
+  assert result.returncode == 0, result.stderr

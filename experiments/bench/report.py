@@ -32,6 +32,10 @@ def _residual(counts: dict) -> str:
   return "–" if value is None else f"{value:.1e}"
 
 
+def _yes_no(flag: bool | None) -> str:
+  return "?" if flag is None else ("yes" if flag else "no")
+
+
 def markdown_table(results: dict[str, Any]) -> str:
   """One row per workload × variant: medians and the TorchDEQ/jdeq speedups."""
   conditions = results.get("conditions", {})
@@ -39,7 +43,9 @@ def markdown_table(results: dict[str, Any]) -> str:
   lines = [
       f"Device: {results['device']}; TorchDEQ side: {results.get('torch_device', 'not run')}. "
       f"Threads per side: {conditions.get('threads', '?')}; XLA_FLAGS: "
-      f"`{conditions.get('xla_flags') or '(none)'}`. 1-min load average at start "
+      f"`{conditions.get('xla_flags') or '(none)'}`; freed host memory retained "
+      f"(glibc malloc, both sides): {_yes_no(conditions.get('retained_freed_memory'))}. "
+      f"1-min load average at start "
       f"{results['load']['load1']:.2f} on {results['load']['cores']} cores; runs per "
       f"measure: {'/'.join(map(str, runs)) or '?'}.",
       "",

@@ -16,6 +16,10 @@ Fair conditions, printed with the table:
   starts its thread pool;
 * XLA's CPU flags (``--xla-flags``): by default XLA's own convolutions (Eigen)
   instead of its YNNPACK ones (see ``DEFAULT_XLA_FLAGS``); PyTorch uses oneDNN's;
+* memory: both processes run with glibc's malloc keeping freed memory for reuse
+  (:func:`jdeq.ops.retain_freed_host_memory`, as every jdeq entry point; the worker
+  through the equivalent environment variables), so neither side page-faults its
+  working memory back in on every step;
 * W3's models must have the same number of parameters on both sides (checked).
 
 Outputs (``--out``, default ``experiments/bench/results``): ``results.json``,
@@ -39,8 +43,8 @@ import sys
 import time
 from typing import Any
 
-import experiments
 from experiments.bench import jdeq_side, report, timing, workloads
+from jdeq import ops
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "experiments", "bench", "results")
@@ -51,14 +55,19 @@ MEMORY_WORKLOADS = ("w1", "w2")
 # XLA's own convolutions instead of YNNPACK's (see jdeq.ops.CPU_CONVOLUTION_FLAG):
 # about 2x on a 2-core CPU for W2's and W3's convolutions. Reductions stay with
 # YNNPACK: faster for MDEQ's GroupNorms (~10% of a W3 map evaluation).
-DEFAULT_XLA_FLAGS = experiments.CPU_CONVOLUTION_FLAG
+DEFAULT_XLA_FLAGS = ops.CPU_CONVOLUTION_FLAG
+
+
+def _child_environment() -> dict[str, str]:
+  # TorchDEQ's processes get the allocator setting the jdeq side runs under.
+  return dict(os.environ, PYTHONPATH=REPO_ROOT, **ops.RETAIN_FREED_MEMORY_ENVIRONMENT)
 
 
 class TorchWorker:
   """The TorchDEQ worker subprocess, spoken to in JSON lines."""
 
   def __init__(self, python: str, threads: int):
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, JDEQ_BENCH_TORCH_THREADS=str(threads))
+    env = dict(_child_environment(), JDEQ_BENCH_TORCH_THREADS=str(threads))
     self.python = python
     self.process = subprocess.Popen(
         [python, "-m", "experiments.bench.torch_side"], cwd=REPO_ROOT, env=env,
@@ -81,7 +90,7 @@ class TorchWorker:
                               forward_iters=forward_iters))
     output = subprocess.run(
         [self.python, "-m", "experiments.bench.torch_side", "--memory", request],
-        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT), check=True,
+        cwd=REPO_ROOT, env=_child_environment(), check=True,
         capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -203,19 +212,23 @@ def parse_args(argv):
 
 
 def configure_processes(threads: int, xla_flags: str) -> dict:
-  """Pins the cores and sets XLA's flags; must run before JAX starts its backend.
+  """Pins the cores, sets XLA's flags and makes malloc keep freed memory (on both
+  sides); must run before JAX starts its backend.
 
   Returns:
-    The conditions to report: cores per side and the XLA flags in effect.
+    The conditions to report: cores per side, the XLA flags in effect and whether
+    freed memory is retained.
   """
   cores = timing.pin_threads(threads)
+  retained = ops.retain_freed_host_memory()
   if xla_flags:
     os.environ["XLA_FLAGS"] = " ".join(
         f for f in (os.environ.get("XLA_FLAGS", ""), xla_flags) if f)
   if jdeq_side.backend_started():
     print("WARNING: JAX started before the benchmark could set its threads and XLA "
           "flags; they may not apply", flush=True)
-  return {"threads": cores, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  return {"threads": cores, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "retained_freed_memory": retained}
 
 
 def _variants_of(spec: workloads.Workload, requested: str) -> tuple[str, ...]:

@@ -40,7 +40,7 @@ from jdeq.train import (apply_overrides, budget_sweep, finished_report,
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-experiments.use_fast_cpu_convolutions()  # must precede JAX's first computation
+experiments.tune_cpu_runtime()  # must precede JAX's first computation
 
 TRACE_SOLVER = jdeq.Broyden(max_iter=30, tol=1e-6, stop_mode="rel", record_trace=True)
 

@@ -41,7 +41,7 @@ from experiments.configs import mdeq_cifar, mopteqs_recognition  # noqa: E402
 from jdeq.train import (ExperimentConfig, apply_overrides,  # noqa: E402
                         finished_report, reporting, run_experiment)
 
-experiments.use_fast_cpu_convolutions()  # must precede JAX's first computation
+experiments.tune_cpu_runtime()  # must precede JAX's first computation
 
 DEFAULT_MINUTES = mdeq_cifar.COMPARISON_MINUTES
 TEST_IMAGES = mdeq_cifar.COMPARISON_TEST_IMAGES

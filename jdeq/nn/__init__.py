@@ -6,7 +6,8 @@
   Linear/Conv kernel, computed once per forward pass;
 * :func:`variational_dropout_mask` — per-sample, per-channel locked dropout;
 * :class:`GroupNorm` / :func:`group_norm_nhwc` — per-sample GroupNorm of NHWC
-  features, the statistics reduced spatially first (faster on XLA:CPU);
+  features, its statistics in one shifted pass, reduced spatially first (faster on
+  XLA:CPU);
 * multi-resolution utilities shared by multiscale models (:class:`MultiscaleFusion`,
   :class:`UpsampleFusion`, :class:`DownsampleFusion`, :func:`group_norm`, …).
 """

@@ -1,14 +1,24 @@
-"""GroupNorm of NHWC features, per sample, with the statistics summed spatially first.
+"""GroupNorm of NHWC features, per sample, with its statistics in one pass over the input.
 
 ``y = (x − μ_g) / sqrt(σ²_g + ε) · γ + β``, with the mean ``μ_g`` and the biased
-variance ``σ²_g`` of each sample's group ``g`` of ``C / G`` channels over all pixels
-(two passes: the variance is that of the centred values, as in PyTorch).
+variance ``σ²_g`` of each sample's group ``g`` of ``C / G`` channels over all pixels.
 
-The statistics are summed per channel over the image first, then over the channels
-of each group. That is a reduction over the contiguous spatial axes, which XLA's
-CPU reductions run faster than one over the grouped axes ``(H, W, C/G)`` of a
-``(B, H, W, G, C/G)`` view (``flax.nnx.GroupNorm``'s form): ~10% per map evaluation
-of benchmark W2 on a 2-core CPU.
+The statistics are read in a single pass: per channel over the image, the sums of
+``x − k`` and ``(x − k)²`` in one (variadic) reduction, where the shift ``k`` is the
+channel's value at the first pixel. Then, on the tiny ``(B, C)`` sums, each channel's
+mean and sum of squared deviations are formed and combined over the channels of a
+group with the pairwise-variance formula (Chan et al.). The shift keeps the variance
+as accurate as the two-pass form's (centre, then square) when ``|μ| ≫ σ``, where the
+unshifted ``E[x²] − μ²`` loses every digit (float32, ``μ = 10³ σ``: error 0.2 against
+1e-4). Against the two-pass form this saves two of the five passes over ``x`` that a
+normalization costs forward (MDEQ-Tiny's widest GroupNorm, 64×32×32×120: 25 → 15 ms
+on a 2-core CPU). Reducing the spatial axes first also suits XLA's CPU reductions
+better than a reduction over the grouped axes ``(H, W, C/G)`` (``flax.nnx.GroupNorm``'s
+form).
+
+Reverse mode does not differentiate the variadic reduction (JAX's rule for a
+general reduction is slow): :func:`_spatial_sums` has a JVP of plain sums, which
+JAX transposes into broadcasts.
 """
 
 from __future__ import annotations
@@ -24,6 +34,20 @@ def _check_groups(channels: int, num_groups: int) -> None:
                      f"{num_groups} groups")
 
 
+@jax.custom_jvp
+def _spatial_sums(p: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(Σ_hw p, Σ_hw q)`` of two NHWC arrays, ``(B, C)`` each, in one pass."""
+  zero = jnp.zeros((), p.dtype)
+  return jax.lax.reduce((p, q), (zero, zero),
+                        lambda a, b: (a[0] + b[0], a[1] + b[1]), (1, 2))
+
+
+@_spatial_sums.defjvp
+def _spatial_sums_jvp(primals, tangents):
+  p_dot, q_dot = tangents
+  return _spatial_sums(*primals), (jnp.sum(p_dot, axis=(1, 2)), jnp.sum(q_dot, axis=(1, 2)))
+
+
 def group_norm_nhwc(x: jax.Array, num_groups: int, scale: jax.Array | None,
                     bias: jax.Array | None, epsilon: float) -> jax.Array:
   """GroupNorm of an NHWC array (``scale``/``bias``: ``(C,)`` or None)."""
@@ -32,22 +56,31 @@ def group_norm_nhwc(x: jax.Array, num_groups: int, scale: jax.Array | None,
   b, h, w, c = x.shape
   _check_groups(c, num_groups)
   per_group = c // num_groups
-  count = h * w * per_group
+  pixels = h * w
 
-  def group_mean(values):  # (B, H, W, C) → (B, G)
-    per_channel = jnp.sum(values, axis=(1, 2))
-    return jnp.sum(per_channel.reshape(b, num_groups, per_group), axis=2) / count
+  # The shift is a constant of the formula (any value gives the same statistics),
+  # so it carries no derivative.
+  shift = jax.lax.stop_gradient(x[:, :1, :1, :])
+  deviation = x - shift
+  sums, squares = _spatial_sums(deviation, jnp.square(deviation))  # (B, C) each
+  channel_mean = sums / pixels
+  channel_m2 = jnp.maximum(squares - sums * channel_mean, 0.0)  # Σ (x − mean_c)²
+  channel_mean = (channel_mean + shift[:, 0, 0, :]).reshape(b, num_groups, per_group)
+  mean = jnp.mean(channel_mean, axis=2)  # (B, G)
+  spread = jnp.square(channel_mean - mean[..., None])
+  variance = (jnp.sum(channel_m2.reshape(b, num_groups, per_group), axis=2)
+              + pixels * jnp.sum(spread, axis=2)) / (pixels * per_group)
 
-  def broadcast(stat):  # (B, G) → (B, 1, 1, C)
-    return jnp.repeat(stat, per_group, axis=1)[:, None, None, :]
+  def per_channel(stat):  # (B, G) → (B, C)
+    return jnp.repeat(stat, per_group, axis=1)
 
-  centered = x - broadcast(group_mean(x))
-  y = centered * broadcast(jax.lax.rsqrt(group_mean(jnp.square(centered)) + epsilon))
+  gain = per_channel(jax.lax.rsqrt(variance + epsilon))
   if scale is not None:
-    y = y * scale
+    gain = gain * scale
+  offset = -per_channel(mean) * gain
   if bias is not None:
-    y = y + bias
-  return y
+    offset = offset + bias
+  return x * gain[:, None, None, :] + offset[:, None, None, :]
 
 
 class GroupNorm(nnx.Module):
