@@ -33,7 +33,7 @@ def _residual(counts: dict) -> str:
 
 
 def _yes_no(flag: bool | None) -> str:
-  return "?" if flag is None else ("yes" if flag else "no")
+  return "–" if flag is None else ("yes" if flag else "no")
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -43,8 +43,9 @@ def markdown_table(results: dict[str, Any]) -> str:
   lines = [
       f"Device: {results['device']}; TorchDEQ side: {results.get('torch_device', 'not run')}. "
       f"Threads per side: {conditions.get('threads', '?')}; XLA_FLAGS: "
-      f"`{conditions.get('xla_flags') or '(none)'}`; freed host memory retained "
-      f"(glibc malloc, both sides): {_yes_no(conditions.get('retained_freed_memory'))}. "
+      f"`{conditions.get('xla_flags') or '(none)'}`; glibc malloc keeps freed memory "
+      f"for reuse: jdeq {_yes_no(conditions.get('retained_freed_memory'))}, TorchDEQ "
+      f"{_yes_no(conditions.get('torch_retained_freed_memory'))}. "
       f"1-min load average at start "
       f"{results['load']['load1']:.2f} on {results['load']['cores']} cores; runs per "
       f"measure: {'/'.join(map(str, runs)) or '?'}.",

@@ -19,7 +19,8 @@ Fair conditions, printed with the table:
 * memory: both processes run with glibc's malloc keeping freed memory for reuse
   (:func:`jdeq.ops.retain_freed_host_memory`, as every jdeq entry point; the worker
   through the equivalent environment variables), so neither side page-faults its
-  working memory back in on every step;
+  working memory back in on every step (``--torch-malloc default`` runs TorchDEQ
+  with glibc's defaults instead, as a plain PyTorch script runs);
 * W3's models must have the same number of parameters on both sides (checked).
 
 Outputs (``--out``, default ``experiments/bench/results``): ``results.json``,
@@ -58,17 +59,20 @@ MEMORY_WORKLOADS = ("w1", "w2")
 DEFAULT_XLA_FLAGS = ops.CPU_CONVOLUTION_FLAG
 
 
-def _child_environment() -> dict[str, str]:
-  # TorchDEQ's processes get the allocator setting the jdeq side runs under.
-  return dict(os.environ, PYTHONPATH=REPO_ROOT, **ops.RETAIN_FREED_MEMORY_ENVIRONMENT)
+def _child_environment(retain_memory: bool) -> dict[str, str]:
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+  if retain_memory:
+    env.update(ops.RETAIN_FREED_MEMORY_ENVIRONMENT)
+  return env
 
 
 class TorchWorker:
   """The TorchDEQ worker subprocess, spoken to in JSON lines."""
 
-  def __init__(self, python: str, threads: int):
-    env = dict(_child_environment(), JDEQ_BENCH_TORCH_THREADS=str(threads))
+  def __init__(self, python: str, threads: int, retain_memory: bool):
+    env = dict(_child_environment(retain_memory), JDEQ_BENCH_TORCH_THREADS=str(threads))
     self.python = python
+    self.retain_memory = retain_memory
     self.process = subprocess.Popen(
         [python, "-m", "experiments.bench.torch_side"], cwd=REPO_ROOT, env=env,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -90,7 +94,7 @@ class TorchWorker:
                               forward_iters=forward_iters))
     output = subprocess.run(
         [self.python, "-m", "experiments.bench.torch_side", "--memory", request],
-        cwd=REPO_ROOT, env=_child_environment(), check=True,
+        cwd=REPO_ROOT, env=_child_environment(self.retain_memory), check=True,
         capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -196,6 +200,10 @@ def parse_args(argv):
   parser.add_argument("--torch-python", default=os.environ.get(
       "JDEQ_BENCH_TORCH_PYTHON", os.path.join(REPO_ROOT, ".venv-bench", "bin", "python")))
   parser.add_argument("--no-torch", action="store_true", help="run the jdeq side only")
+  parser.add_argument("--torch-malloc", choices=("retained", "default"), default="retained",
+                      help="glibc malloc on the TorchDEQ side: 'retained' keeps freed "
+                           "memory for reuse, as the jdeq side does (fair default); "
+                           "'default' is what a plain PyTorch script gets")
   parser.add_argument("--threads", type=int, default=0,
                       help="cores, and so threads, for each side (0: all). Both "
                            "processes are pinned to the same cores. On a busy machine "
@@ -262,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
   worker = None
   if not args.no_torch:
     if os.path.exists(args.torch_python):
-      worker = TorchWorker(args.torch_python, conditions["threads"])
+      worker = TorchWorker(args.torch_python, conditions["threads"],
+                           retain_memory=args.torch_malloc == "retained")
+      conditions["torch_retained_freed_memory"] = worker.retain_memory
     else:
       print(f"WARNING: no TorchDEQ interpreter at {args.torch_python!r} (create it from "
             "requirements-bench.txt or pass --torch-python); running jdeq only", flush=True)
