@@ -8,6 +8,7 @@ structure, not how fast anything is.
 import json
 import math
 import os
+import subprocess
 import sys
 
 import jax
@@ -105,7 +106,6 @@ def test_torch_worker_modules_import_without_jax():
   # The TorchDEQ worker runs in an environment without JAX: the modules it imports
   # (torch_side itself also needs torch, which is not in this environment) and the
   # packages above them must not import JAX.
-  import subprocess
   code = ("import sys; import experiments.bench.timing, experiments.bench.workloads; "
           "leaked = sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jdeq'}); "
           "sys.exit(f'imported {leaked}' if leaked else 0)")
