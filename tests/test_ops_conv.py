@@ -20,6 +20,11 @@ def _lax(x, w, strides, padding):
     ((4, 8, 8, 5), (1, 1, 5, 7), (1, 1), "SAME"),
     ((3, 7, 7, 2), (3, 3, 2, 4), (1, 1), "VALID"),
     ((2, 6, 6, 3), (3, 3, 3, 2), (2, 1), ((1, 0), (2, 1))),
+    # strided input adjoints by stride phase: a kernel smaller than the stride,
+    # stride 3, uneven kernel and padding
+    ((2, 8, 7, 3), (1, 1, 3, 4), (2, 2), "SAME"),
+    ((2, 10, 9, 3), (3, 3, 3, 4), (3, 3), "VALID"),
+    ((2, 7, 8, 3), (2, 3, 3, 4), (2, 3), ((0, 3), (2, 1))),
 ])
 def test_matches_lax_convolution(x64, x_shape, w_shape, strides, padding):
   kx, kw, kt = jax.random.split(jax.random.PRNGKey(0), 3)
