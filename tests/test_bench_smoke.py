@@ -19,8 +19,8 @@ try:
 except ImportError:  # run from another working directory: the repo root holds it
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.bench import (core_step, jdeq_side, profile_step, report, run,  # noqa: E402
-                               timing, workloads)
+from experiments.bench import (core_step, jdeq_side, op_costs, profile_step,  # noqa: E402
+                               report, run, timing, workloads)
 
 
 def _is_positive_timing(figures):
@@ -96,6 +96,29 @@ def test_profile_attributes_loop_time_to_phases():
   assert {"forward loop", "backward loop", "outside loops"} <= phases
   assert result["wall_ms"] > 0 and sum(result["grouped"].values()) > 0
   assert "forward loop" in profile_step.format_profile(result)
+
+
+def test_layer_op_costs_cover_every_operation_both_ways(tmp_path):
+  path = tmp_path / "op_costs.json"
+  assert op_costs.main(["--no-torch", "--batch", "1", "--reps", "1", "--rounds", "1",
+                        "--json", str(path)]) == 0
+  result = json.loads(path.read_text())
+  assert set(result["jdeq"]) == {op.name for op in workloads.W3_LAYER_OPS}
+  for figures in result["jdeq"].values():
+    assert set(figures) == {"forward", "vjp"}
+    assert all(math.isfinite(seconds) for seconds in figures.values())
+  assert result["torch"] is None
+  table = op_costs.format_table(result["jdeq"], result["jdeq"])  # a side against itself
+  assert table.count("1.00x") == 2 * len(workloads.W3_LAYER_OPS)
+
+
+@pytest.mark.skipif(not os.path.exists(run.default_torch_python()),
+                    reason="no TorchDEQ environment (requirements-bench.txt)")
+def test_torch_side_times_the_same_layer_operations():
+  costs = op_costs.torch_layer_op_costs(run.default_torch_python(), batch=1, reps=1,
+                                        threads=1)
+  assert set(costs) == {op.name for op in workloads.W3_LAYER_OPS}
+  assert all(seconds > 0 for figures in costs.values() for seconds in figures.values())
 
 
 def test_thread_pinning_keeps_all_cores_by_default():

@@ -9,6 +9,9 @@ Entry points:
   alternately; writes JSON, PNG charts and the README table.
 * ``python -m experiments.bench.profile_step`` — where one jdeq training step's
   time goes (XLA profile by solve phase and operation kind).
+* ``python -m experiments.bench.op_costs`` — W3's heaviest layer operations
+  (convolutions, GroupNorm + ReLU) timed one by one in jdeq and PyTorch, forward and
+  VJP: which operations make up a gap between the two sides' map costs.
 
 Modules that the TorchDEQ worker imports (``timing``, ``workloads``, ``torch_side``,
 ``torch_mdeq``) must not import JAX: that worker runs in its own virtual environment.

@@ -59,7 +59,14 @@ MEMORY_WORKLOADS = ("w1", "w2")
 DEFAULT_XLA_FLAGS = ops.CPU_CONVOLUTION_FLAG
 
 
-def _child_environment(retain_memory: bool) -> dict[str, str]:
+def default_torch_python() -> str:
+  """``$JDEQ_BENCH_TORCH_PYTHON``, else ``.venv-bench/bin/python`` in the repository root."""
+  return os.environ.get("JDEQ_BENCH_TORCH_PYTHON",
+                        os.path.join(REPO_ROOT, ".venv-bench", "bin", "python"))
+
+
+def child_environment(retain_memory: bool) -> dict[str, str]:
+  """This process's environment for a child in the repository (the TorchDEQ side)."""
   env = dict(os.environ, PYTHONPATH=REPO_ROOT)
   if retain_memory:
     env.update(ops.RETAIN_FREED_MEMORY_ENVIRONMENT)
@@ -70,7 +77,7 @@ class TorchWorker:
   """The TorchDEQ worker subprocess, spoken to in JSON lines."""
 
   def __init__(self, python: str, threads: int, retain_memory: bool):
-    env = dict(_child_environment(retain_memory), JDEQ_BENCH_TORCH_THREADS=str(threads))
+    env = dict(child_environment(retain_memory), JDEQ_BENCH_TORCH_THREADS=str(threads))
     self.python = python
     self.retain_memory = retain_memory
     self.process = subprocess.Popen(
@@ -94,7 +101,7 @@ class TorchWorker:
                               forward_iters=forward_iters))
     output = subprocess.run(
         [self.python, "-m", "experiments.bench.torch_side", "--memory", request],
-        cwd=REPO_ROOT, env=_child_environment(self.retain_memory), check=True,
+        cwd=REPO_ROOT, env=child_environment(self.retain_memory), check=True,
         capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -197,8 +204,7 @@ def parse_args(argv):
                       help="rounds per side (default: the workload's)")
   parser.add_argument("--warmup", type=int, default=None,
                       help="untimed calls per measure (default: the workload's)")
-  parser.add_argument("--torch-python", default=os.environ.get(
-      "JDEQ_BENCH_TORCH_PYTHON", os.path.join(REPO_ROOT, ".venv-bench", "bin", "python")))
+  parser.add_argument("--torch-python", default=default_torch_python())
   parser.add_argument("--no-torch", action="store_true", help="run the jdeq side only")
   parser.add_argument("--torch-malloc", choices=("retained", "default"), default="retained",
                       help="glibc malloc on the TorchDEQ side: 'retained' keeps freed "
