@@ -60,6 +60,26 @@ def test_every_weight_gradient_form_matches_lax(x64, monkeypatch, kind, x_shape,
                              _lax(x, w, strides, padding), atol=1e-11)
 
 
+@pytest.mark.parametrize("by_phase", [True, False])  # XLA:CPU's form, the accelerators'
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", [
+    ((4, 9, 8, 5), (3, 3, 5, 7), (2, 2), "SAME"),
+    ((2, 7, 8, 3), (2, 3, 3, 4), (2, 3), ((0, 3), (2, 1))),
+])
+def test_both_strided_input_adjoints_match_lax(x64, monkeypatch, by_phase, x_shape, w_shape,
+                                              strides, padding):
+  monkeypatch.setattr(conv_module, "_strided_adjoint_by_phase", lambda: by_phase)
+  kx, kw, kt = jax.random.split(jax.random.PRNGKey(2), 3)
+  x = jax.random.normal(kx, x_shape, jnp.float64)
+  w = jax.random.normal(kw, w_shape, jnp.float64)
+  loss = lambda conv: lambda x: jnp.sum(jnp.sin(conv(x, w, strides, padding)))
+  np.testing.assert_allclose(jax.grad(loss(conv2d))(x), jax.grad(loss(_lax))(x),
+                             atol=1e-11)
+  tangent = jax.random.normal(kt, x_shape, jnp.float64)
+  np.testing.assert_allclose(
+      jax.jvp(lambda x: conv2d(x, w, strides, padding), (x,), (tangent,))[1],
+      _lax(tangent, w, strides, padding), atol=1e-11)
+
+
 def test_linearizing_in_the_input_only_skips_the_patches():
   x = jnp.ones((2, 8, 8, 3))
   w = jnp.ones((3, 3, 3, 4))

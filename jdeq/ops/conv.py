@@ -9,7 +9,7 @@ slow on XLA:CPU, depending on which library runs its convolutions:
   convolution with the flipped HWIO kernel, on every backend. For a strided
   convolution that adjoint would convolve the zero-dilated cotangent, which XLA:CPU
   runs ~5x slower than the forward convolution (3×3, stride 2, 24 channels, 64×32×32
-  inputs); it is written as one unit-stride convolution per stride phase
+  inputs); there it is written as one unit-stride convolution per stride phase
   (:func:`_strided_input_adjoint`), as fast as the forward one.
 * the weight gradient ("backprop-filter" convolution). With YNNPACK's
   convolutions (XLA:CPU's default) it runs at ~2 GFLOP/s against 35 GFLOP/s
@@ -151,16 +151,26 @@ def _conv(strides, pads, x, w):
 
 def _input_adjoint(cotangent, *, w, input_shape, strides, pads):
   """The adjoint of ``x ↦ conv(x, w)`` as forward convolutions (flipped kernel)."""
-  if strides != (1, 1):
+  if strides != (1, 1) and _strided_adjoint_by_phase():
     return _strided_input_adjoint(cotangent, w=w, input_shape=input_shape,
                                   strides=strides, pads=pads)
   padding = []
   for axis in range(2):
-    before = w.shape[axis] - 1 - pads[axis][0]
-    after = input_shape[1 + axis] - cotangent.shape[1 + axis] + w.shape[axis] - 1 - before
-    padding.append((before, after))
+    kernel, stride = w.shape[axis], strides[axis]
+    before = kernel - 1 - pads[axis][0]
+    dilated = (cotangent.shape[1 + axis] - 1) * stride + 1
+    padding.append((before, input_shape[1 + axis] + kernel - 1 - dilated - before))
   return jax.lax.conv_general_dilated(cotangent, _flipped_transposed(w), (1, 1), padding,
-                                      dimension_numbers=_DIMENSIONS)
+                                      lhs_dilation=strides, dimension_numbers=_DIMENSIONS)
+
+
+def _strided_adjoint_by_phase() -> bool:
+  """Whether a strided convolution's input adjoint runs by stride phase (XLA:CPU).
+
+  Elsewhere the zero-dilated form stays: cuDNN runs it as its own backward-data
+  convolution. Read at trace time; the choice changes speed only, never the result.
+  """
+  return jax.default_backend() == "cpu"
 
 
 def _flipped_transposed(w):
