@@ -121,6 +121,14 @@ def test_torch_side_times_the_same_layer_operations():
   assert all(seconds > 0 for figures in costs.values() for seconds in figures.values())
 
 
+def test_a_failing_torch_side_is_reported_with_its_error(tmp_path):
+  broken = tmp_path / "python"
+  broken.write_text("#!/bin/sh\necho 'No module named torch' >&2\nexit 3\n")
+  broken.chmod(0o755)
+  with pytest.raises(RuntimeError, match="code 3:\n.*No module named torch"):
+    op_costs.torch_layer_op_costs(str(broken), batch=1, reps=1, threads=1)
+
+
 def test_thread_pinning_keeps_all_cores_by_default():
   assert timing.pin_threads(0) == len(os.sched_getaffinity(0))
 

@@ -31,14 +31,21 @@ DEFAULT_JSON = os.path.join(run.DEFAULT_OUT, "op_costs.json")
 
 
 def torch_layer_op_costs(python: str, batch: int, reps: int, threads: int) -> dict:
-  """:func:`torch_side.layer_op_costs` in a fresh process of the TorchDEQ environment."""
+  """:func:`torch_side.layer_op_costs` in a fresh process of the TorchDEQ environment.
+
+  Raises:
+    RuntimeError: if that process fails; the message ends with its error output.
+  """
   env = dict(run.child_environment(retain_memory=True),
              JDEQ_BENCH_TORCH_THREADS=str(threads))
-  output = subprocess.run(
+  finished = subprocess.run(
       [python, "-m", "experiments.bench.torch_side", "--layer-ops",
        json.dumps({"batch": batch, "reps": reps})],
-      cwd=run.REPO_ROOT, env=env, check=True, capture_output=True, text=True).stdout
-  return json.loads(output.strip().splitlines()[-1])
+      cwd=run.REPO_ROOT, env=env, capture_output=True, text=True)
+  if finished.returncode != 0:
+    raise RuntimeError(f"the PyTorch side ({python}) failed with code "
+                       f"{finished.returncode}:\n{finished.stderr[-2000:]}")
+  return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
 def _median_over_rounds(rounds: list[dict]) -> dict[str, dict[str, float]]:
