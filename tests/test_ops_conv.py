@@ -41,43 +41,46 @@ def test_matches_lax_convolution(x64, x_shape, w_shape, strides, padding):
                              jax.jvp(theirs, (x, w), tangents)[1], atol=1e-11)
 
 
-@pytest.mark.parametrize("kind", ["im2col", "native"])  # the suite's default: forward_conv
+def _assert_derivatives_match_lax(argnum, x_shape, w_shape, strides, padding, seed):
+  """conv2d's gradient and JVP in ``x`` (``argnum`` 0) or in ``w`` (1) are lax's."""
+  kx, kw, kt = jax.random.split(jax.random.PRNGKey(seed), 3)
+  args = [jax.random.normal(kx, x_shape, jnp.float64),
+          jax.random.normal(kw, w_shape, jnp.float64)]
+
+  def only(conv):  # the convolution as a function of the argument ``argnum``
+    return lambda v: conv(*args[:argnum], v, *args[argnum + 1:], strides, padding)
+
+  loss = lambda conv: lambda v: jnp.sum(jnp.sin(only(conv)(v)))
+  primal = args[argnum]
+  np.testing.assert_allclose(jax.grad(loss(conv2d))(primal), jax.grad(loss(_lax))(primal),
+                             atol=1e-11)
+  tangent = jax.random.normal(kt, primal.shape, jnp.float64)
+  # conv is linear in each argument: its JVP is the convolution of the tangent
+  np.testing.assert_allclose(jax.jvp(only(conv2d), (primal,), (tangent,))[1],
+                             only(_lax)(tangent), atol=1e-11)
+
+
+# Every form chosen at trace time, besides the suite's defaults (the forward-conv
+# weight gradient, the strided input adjoint by stride phase), and what it derives.
+_TRACE_TIME_FORMS = [
+    ("_weight_gradient_kind", "im2col", 1),  # YNNPACK's convolutions
+    ("_weight_gradient_kind", "native", 1),  # accelerators
+    ("_strided_adjoint_by_phase", False, 0),  # accelerators: the zero-dilated form
+    ("_strided_adjoint_by_phase", True, 0),
+]
+
+
+@pytest.mark.parametrize("choice, form, argnum", _TRACE_TIME_FORMS)
 @pytest.mark.parametrize("x_shape, w_shape, strides, padding", [
     ((4, 9, 8, 5), (3, 3, 5, 7), (2, 2), "SAME"),
     ((2, 6, 6, 3), (3, 3, 3, 2), (2, 1), ((1, 0), (2, 1))),
-])
-def test_every_weight_gradient_form_matches_lax(x64, monkeypatch, kind, x_shape, w_shape,
-                                               strides, padding):
-  """Each backend's weight-gradient form (chosen at trace time) is lax's gradient."""
-  monkeypatch.setattr(conv_module, "_weight_gradient_kind", lambda: kind)
-  kx, kw = jax.random.split(jax.random.PRNGKey(1))
-  x = jax.random.normal(kx, x_shape, jnp.float64)
-  w = jax.random.normal(kw, w_shape, jnp.float64)
-  loss = lambda conv: lambda w: jnp.sum(jnp.sin(conv(x, w, strides, padding)))
-  np.testing.assert_allclose(jax.grad(loss(conv2d))(w), jax.grad(loss(_lax))(w),
-                             atol=1e-11)
-  np.testing.assert_allclose(jax.jvp(lambda w: conv2d(x, w, strides, padding), (w,), (w,))[1],
-                             _lax(x, w, strides, padding), atol=1e-11)
-
-
-@pytest.mark.parametrize("by_phase", [True, False])  # XLA:CPU's form, the accelerators'
-@pytest.mark.parametrize("x_shape, w_shape, strides, padding", [
-    ((4, 9, 8, 5), (3, 3, 5, 7), (2, 2), "SAME"),
     ((2, 7, 8, 3), (2, 3, 3, 4), (2, 3), ((0, 3), (2, 1))),
 ])
-def test_both_strided_input_adjoints_match_lax(x64, monkeypatch, by_phase, x_shape, w_shape,
-                                              strides, padding):
-  monkeypatch.setattr(conv_module, "_strided_adjoint_by_phase", lambda: by_phase)
-  kx, kw, kt = jax.random.split(jax.random.PRNGKey(2), 3)
-  x = jax.random.normal(kx, x_shape, jnp.float64)
-  w = jax.random.normal(kw, w_shape, jnp.float64)
-  loss = lambda conv: lambda x: jnp.sum(jnp.sin(conv(x, w, strides, padding)))
-  np.testing.assert_allclose(jax.grad(loss(conv2d))(x), jax.grad(loss(_lax))(x),
-                             atol=1e-11)
-  tangent = jax.random.normal(kt, x_shape, jnp.float64)
-  np.testing.assert_allclose(
-      jax.jvp(lambda x: conv2d(x, w, strides, padding), (x,), (tangent,))[1],
-      _lax(tangent, w, strides, padding), atol=1e-11)
+def test_every_trace_time_form_matches_lax(x64, monkeypatch, choice, form, argnum, x_shape,
+                                           w_shape, strides, padding):
+  """Each backend's derivative form (chosen at trace time) is lax's derivative."""
+  monkeypatch.setattr(conv_module, choice, lambda: form)
+  _assert_derivatives_match_lax(argnum, x_shape, w_shape, strides, padding, seed=1)
 
 
 def test_linearizing_in_the_input_only_skips_the_patches():
