@@ -18,9 +18,7 @@ PyTorch's are per eager call (NCHW, as the TorchDEQ port of MDEQ runs them).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -38,14 +36,8 @@ def torch_layer_op_costs(python: str, batch: int, reps: int, threads: int) -> di
   """
   env = dict(run.child_environment(retain_memory=True),
              JDEQ_BENCH_TORCH_THREADS=str(threads))
-  finished = subprocess.run(
-      [python, "-m", "experiments.bench.torch_side", "--layer-ops",
-       json.dumps({"batch": batch, "reps": reps})],
-      cwd=run.REPO_ROOT, env=env, capture_output=True, text=True)
-  if finished.returncode != 0:
-    raise RuntimeError(f"the PyTorch side ({python}) failed with code "
-                       f"{finished.returncode}:\n{finished.stderr[-2000:]}")
-  return json.loads(finished.stdout.strip().splitlines()[-1])
+  return run.run_torch_side_once(python, "--layer-ops", {"batch": batch, "reps": reps},
+                                 env)
 
 
 def _median_over_rounds(rounds: list[dict]) -> dict[str, dict[str, float]]:

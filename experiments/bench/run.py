@@ -73,6 +73,23 @@ def child_environment(retain_memory: bool) -> dict[str, str]:
   return env
 
 
+def run_torch_side_once(python: str, option: str, request: dict,
+                        env: dict[str, str]) -> dict:
+  """``python -m experiments.bench.torch_side <option> <request JSON>`` in a fresh
+  process; returns the JSON line it prints last.
+
+  Raises:
+    RuntimeError: if that process fails; the message ends with its error output.
+  """
+  finished = subprocess.run(
+      [python, "-m", "experiments.bench.torch_side", option, json.dumps(request)],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+  if finished.returncode != 0:
+    raise RuntimeError(f"the PyTorch side ({python}) failed with code "
+                       f"{finished.returncode}:\n{finished.stderr[-2000:]}")
+  return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
 class TorchWorker:
   """The TorchDEQ worker subprocess, spoken to in JSON lines."""
 
@@ -97,13 +114,10 @@ class TorchWorker:
 
   def memory(self, workload: str, variant: str, forward_iters: int) -> dict:
     """Peak memory of one step, in a fresh process of the TorchDEQ environment."""
-    request = json.dumps(dict(workload=workload, variant=variant,
-                              forward_iters=forward_iters))
-    output = subprocess.run(
-        [self.python, "-m", "experiments.bench.torch_side", "--memory", request],
-        cwd=REPO_ROOT, env=child_environment(self.retain_memory), check=True,
-        capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_torch_side_once(
+        self.python, "--memory",
+        dict(workload=workload, variant=variant, forward_iters=forward_iters),
+        child_environment(self.retain_memory))
 
   def close(self) -> None:
     try:
