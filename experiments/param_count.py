@@ -11,13 +11,10 @@ their own names); the reference count, when registered, is printed alongside.
 from __future__ import annotations
 
 import argparse
-import collections
-import math
 
-import jax
 from flax import nnx
 
-from jdeq import models
+from jdeq import models, nn
 
 PART_LABELS = {"stem": "stem", "deq": "equilibrium cell", "head": "head"}
 
@@ -25,11 +22,8 @@ PART_LABELS = {"stem": "stem", "deq": "equilibrium cell", "head": "head"}
 def count_by_part(name: str) -> dict[str, int]:
   """Parameter counts of configuration ``name`` keyed by top-level submodule."""
   abstract = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0)))
-  counts: dict[str, int] = collections.OrderedDict()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(abstract, nnx.Param)):
-    part = str(getattr(path[0], "key", path[0]))
-    counts[part] = counts.get(part, 0) + math.prod(leaf.shape)
-  return counts
+  params = nnx.state(abstract, nnx.Param)
+  return {str(part): nn.num_params(params[part]) for part in params}
 
 
 def describe(name: str) -> str:

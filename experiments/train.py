@@ -5,7 +5,8 @@
   python -m experiments.train --list
 
 Outputs go to ``--workdir`` (default ``runs/<config>``): ``metrics.jsonl``,
-``checkpoints/``, ``report.json``, ``curves.png`` and ``solver.png``. Running the
+``checkpoints/``, ``report.json``, ``curves.png``, ``solver.png`` and TensorBoard
+event files (``tensorboard --logdir runs``). Running the
 same command again resumes from the latest checkpoint there. The data location is
 ``--data-dir`` or, if absent, the ``TFDS_DATA_DIR`` environment variable.
 """
@@ -18,11 +19,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
-import experiments
 from experiments import configs
-from jdeq.train import CheckpointError, apply_overrides, run_experiment
+from jdeq import ops
+from jdeq.experiment import apply_overrides, run_experiment
+from jdeq.train import CheckpointError
 
-experiments.tune_cpu_runtime()  # must precede JAX's first computation
+ops.tune_cpu_runtime()  # must precede JAX's first computation
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,9 +4,9 @@ import pathlib
 import jax
 import pytest
 
-import experiments
+from jdeq import ops
 
-experiments.tune_cpu_runtime()  # the suite runs on CPU, as the entry points do
+ops.tune_cpu_runtime()  # the suite runs on CPU, as the entry points do
 
 # The suite is dominated by XLA compile time (each check compiles its own small
 # programs and runs them a few times). LLVM's optimization level changes only how

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pathlib
+import struct
 from typing import Callable
 
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX.proto import event_pb2
 
 
 def relative_error(actual, expected) -> float:
@@ -97,3 +100,30 @@ def two_resolution_problem(key, batch: int = 4, dtype=jnp.float64):
 
   z0 = [jnp.zeros((batch, 8, 2), dtype), jnp.zeros((batch, 4, 3), dtype)]
   return f, params, x, z0
+
+
+def read_event_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+  """The scalars of every TensorBoard event file in ``directory``: tag -> [(step, v)].
+
+  Reads the TFRecord framing directly (length u64, its CRC u32, payload, payload
+  CRC u32; CRCs not checked) and parses each payload with tensorboardX's ``Event``
+  protobuf, so neither TensorFlow nor TensorBoard is needed. A session START
+  event at step ``s > 0`` (how a writer's ``purge_step`` marks a resumed run)
+  drops the earlier points at steps ``>= s``, as TensorBoard hides them.
+  """
+  scalars: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    offset = 0
+    while offset + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      payload = data[offset + 12:offset + 12 + length]
+      offset += 12 + length + 4
+      event = event_pb2.Event.FromString(payload)
+      if (event.HasField("session_log") and event.step > 0
+          and event.session_log.status == event_pb2.SessionLog.START):
+        for tag, points in scalars.items():
+          scalars[tag] = [p for p in points if p[0] < event.step]
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars

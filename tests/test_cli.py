@@ -5,10 +5,11 @@ import pathlib
 
 import pytest
 
+import jdeq
 from experiments import configs
 from experiments import train as cli
+from jdeq import experiment as experiment_lib
 from jdeq import train
-from jdeq._src.config import config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAPER_EXPERIMENTS = ("mnist_convdeq", "mdeq_cifar_tiny", "mdeq_cifar_tiny_20min",
@@ -43,16 +44,16 @@ def test_unknown_config_lists_valid_ones(capsys):
 
 
 def test_parse_override_values():
-  assert train.parse_override("train.lr=0.01") == ("train.lr", 0.01)
-  assert train.parse_override("train.decay_epochs=(1, 2)") == (
+  assert experiment_lib.parse_override("train.lr=0.01") == ("train.lr", 0.01)
+  assert experiment_lib.parse_override("train.decay_epochs=(1, 2)") == (
       "train.decay_epochs", (1, 2))
-  assert train.parse_override("train.optimizer=sgd") == ("train.optimizer", "sgd")
-  assert train.parse_override("train.max_minutes=None") == ("train.max_minutes", None)
+  assert experiment_lib.parse_override("train.optimizer=sgd") == ("train.optimizer", "sgd")
+  assert experiment_lib.parse_override("train.max_minutes=None") == ("train.max_minutes", None)
   with pytest.raises(ValueError, match="section.field=value"):
-    train.parse_override("train.lr")
+    experiment_lib.parse_override("train.lr")
 
 
-@config
+@jdeq.config
 class _DataStandIn:
   """The fields of a data configuration that the override tests touch."""
   name: str = "mnist"
@@ -60,12 +61,12 @@ class _DataStandIn:
 
 
 def _experiment():
-  return train.ExperimentConfig(model="conv_deq_mnist", data=_DataStandIn(),
+  return experiment_lib.ExperimentConfig(model="conv_deq_mnist", data=_DataStandIn(),
                                 train=train.TrainConfig(total_steps=10))
 
 
 def test_overrides_address_nested_fields():
-  experiment = train.apply_overrides(
+  experiment = experiment_lib.apply_overrides(
       _experiment(), ["train.lr=0.01", "data.batch_size=64", "train.optimizer=sgd",
                       "train.decay_epochs=(3, 6)"])
   assert experiment.train.lr == 0.01 and experiment.train.optimizer == "sgd"
@@ -86,7 +87,7 @@ BAD_OVERRIDES = [
 @pytest.mark.parametrize("override, expected", BAD_OVERRIDES)
 def test_bad_override_is_a_clear_error(override, expected):
   with pytest.raises(ValueError, match=expected):
-    train.apply_overrides(_experiment(), [override])
+    experiment_lib.apply_overrides(_experiment(), [override])
 
 
 @needs_data
@@ -121,11 +122,11 @@ def test_finished_report_checks_the_experiment(tmp_path):
   from jdeq.train import reporting
   experiment = configs.get("mdeq_cifar_tiny_20min")
   with pytest.raises(ValueError, match="no report.json"):
-    train.finished_report(str(tmp_path), experiment)
+    experiment_lib.finished_report(str(tmp_path), experiment)
   recorded = {"train": reporting.to_json(experiment.train),
               "data": dict(reporting.to_json(experiment.data), data_dir="/elsewhere")}
   (tmp_path / "report.json").write_text(json.dumps({"config": recorded, "step": 1}))
-  assert train.finished_report(str(tmp_path), experiment)["step"] == 1
-  other = train.apply_overrides(experiment, ["train.lr=0.01"])
+  assert experiment_lib.finished_report(str(tmp_path), experiment)["step"] == 1
+  other = experiment_lib.apply_overrides(experiment, ["train.lr=0.01"])
   with pytest.raises(ValueError, match="different experiment: its train settings"):
-    train.finished_report(str(tmp_path), other)
+    experiment_lib.finished_report(str(tmp_path), other)

@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the problem."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import pytest
 
@@ -44,7 +46,7 @@ def test_configs_are_hashable_and_frozen():
   solver = jdeq.Anderson(max_iter=10)
   assert hash(solver) == hash(jdeq.Anderson(max_iter=10))
   assert {jdeq.IFT(solver): 1}[jdeq.IFT(jdeq.Anderson(max_iter=10))] == 1
-  with pytest.raises(Exception):
+  with pytest.raises(dataclasses.FrozenInstanceError, match="'m'"):
     solver.m = 3
 
 

@@ -1,6 +1,7 @@
 """jdeq.data: real MNIST / CIFAR-10 from the offline TFDS directory, the other
 datasets through ``tfds.testing.mock_data``."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -10,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from jdeq import data
 from jdeq.data import augment_tf
+from jdeq.data import imbalance as imbalance_lib
 
 SUBSET = "train[:2048]"  # decodes in about a second; the pipeline is the same
 
@@ -152,10 +154,10 @@ def test_imbalanced_subset(tfds_data_dir):
   assert data.dataset_info(cfg).num_train == 370
   labels = np.concatenate([b["label"] for b in _take(data.train_batches(cfg), 10)])
   np.testing.assert_array_equal(np.bincount(labels, minlength=10), expected)
-  # A seed permutes which classes are the majority; a mapping is accepted too.
+  # A class seed permutes which classes are the majority; a mapping is accepted too.
   seeded = _cifar(tfds_data_dir, batch_size=37,
                   imbalance={"majority_classes": 3, "n_majority": 100, "ratio": 10,
-                             "seed": 4})
+                             "class_seed": 4})
   majority = data.majority_classes(seeded.imbalance, 10)
   assert sorted(majority) != [0, 1, 2]
   counts = data.class_counts(seeded)
@@ -163,6 +165,20 @@ def test_imbalanced_subset(tfds_data_dir):
   with pytest.raises(ValueError, match="class 0 has"):
     next(data.train_batches(_cifar(tfds_data_dir, imbalance=data.Imbalance(
         majority_classes=1, n_majority=1000, ratio=2))))
+
+
+def test_imbalance_seed_shuffles_examples_but_keeps_the_label_order():
+  labels = np.repeat(np.arange(4), 50)
+  first = data.Imbalance(majority_classes=2, n_majority=20, ratio=4)
+  shuffled = dataclasses.replace(first, seed=3)
+  np.testing.assert_array_equal(data.majority_classes(shuffled, 4), [0, 1])
+  plain = imbalance_lib.subset_indices(first, labels, 4)
+  drawn = imbalance_lib.subset_indices(shuffled, labels, 4)
+  np.testing.assert_array_equal(np.bincount(labels[drawn], minlength=4), [20, 20, 5, 5])
+  assert not np.array_equal(plain, drawn)
+  # The minority classes keep the first n_B of the same shuffle a larger n_B would draw.
+  more = dataclasses.replace(shuffled, ratio=2)
+  assert set(drawn[labels[drawn] >= 2]) <= set(imbalance_lib.subset_indices(more, labels, 4))
 
 
 def test_missing_dataset_names_the_directory_and_the_fixes(tmp_path, monkeypatch):

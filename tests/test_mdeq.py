@@ -2,7 +2,6 @@
 check, and convergence of the randomly initialised TINY on real CIFAR-10."""
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jdeq
-from jdeq import models
+from jdeq import models, nn
 from jdeq.models import mdeq, mdeq_configs
 from tests import helpers
 
@@ -21,8 +20,7 @@ QUICK = dict(solver=jdeq.Broyden(max_iter=4, memory=4),
              grad=jdeq.IFT(jdeq.Broyden(max_iter=4, memory=4)), unrolled_steps=2)
 
 
-def _count(module_or_state) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(module_or_state))
+_count = nn.num_params
 
 
 def _abstract_params(name):
@@ -212,7 +210,7 @@ RESIDUAL_FINDING = (
     "own PyTorch code, run on the same images, stalls at 0.13–0.34 (docs/mdeq.md)")
 
 
-@pytest.mark.xfail(strict=True, reason=RESIDUAL_FINDING)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RESIDUAL_FINDING)
 def test_random_tiny_converges_on_real_cifar10(tfds_data_dir):
   tfds = pytest.importorskip("tensorflow_datasets")
   data = tfds.as_numpy(tfds.load("cifar10", split="test[:32]", batch_size=-1,

@@ -110,7 +110,7 @@ def test_prepared_arrays_are_computed_once_per_forward_and_backward(monkeypatch)
 
   grads = nnx.jit(nnx.grad(loss))(layer)
   assert calls == {"weight": 2, "mask": 1}  # two weight-normed layers, one mask
-  assert float(jnp.abs(grads.cell.linear1.gain[...]).sum()) > 0
+  assert float(jnp.abs(grads.cell.layer1.gain[...]).sum()) > 0
 
 
 def test_same_mask_in_every_iteration_and_in_the_backward_pass(x64):

@@ -1,10 +1,13 @@
 """jdeq.ops.conv2d equals lax's convolution in value, VJP and JVP (float64)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jdeq import ops
 from jdeq.ops import conv2d
 from jdeq.ops import conv as conv_module
 
@@ -41,6 +44,13 @@ def test_matches_lax_convolution(x64, x_shape, w_shape, strides, padding):
                              jax.jvp(theirs, (x, w), tangents)[1], atol=1e-11)
 
 
+_DERIVATIVE_SHAPES = [
+    ((4, 9, 8, 5), (3, 3, 5, 7), (2, 2), "SAME"),
+    ((2, 6, 6, 3), (3, 3, 3, 2), (2, 1), ((1, 0), (2, 1))),
+    ((2, 7, 8, 3), (2, 3, 3, 4), (2, 3), ((0, 3), (2, 1))),
+]
+
+
 def _assert_derivatives_match_lax(argnum, x_shape, w_shape, strides, padding, seed):
   """conv2d's gradient and JVP in ``x`` (``argnum`` 0) or in ``w`` (1) are lax's."""
   kx, kw, kt = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -60,27 +70,48 @@ def _assert_derivatives_match_lax(argnum, x_shape, w_shape, strides, padding, se
                              only(_lax)(tangent), atol=1e-11)
 
 
-# Every form chosen at trace time, besides the suite's defaults (the forward-conv
-# weight gradient, the strided input adjoint by stride phase), and what it derives.
-_TRACE_TIME_FORMS = [
-    ("_weight_gradient_kind", "im2col", 1),  # YNNPACK's convolutions
-    ("_weight_gradient_kind", "native", 1),  # accelerators
-    ("_strided_adjoint_by_phase", False, 0),  # accelerators: the zero-dilated form
-    ("_strided_adjoint_by_phase", True, 0),
-]
+@pytest.fixture
+def cpu_weight_gradient():
+  """Sets the CPU weight-gradient form for one test, then restores the suite's."""
+  before = ops.cpu_weight_gradient()
+  yield ops.set_cpu_weight_gradient
+  ops.set_cpu_weight_gradient(before)
 
 
-@pytest.mark.parametrize("choice, form, argnum", _TRACE_TIME_FORMS)
-@pytest.mark.parametrize("x_shape, w_shape, strides, padding", [
-    ((4, 9, 8, 5), (3, 3, 5, 7), (2, 2), "SAME"),
-    ((2, 6, 6, 3), (3, 3, 3, 2), (2, 1), ((1, 0), (2, 1))),
-    ((2, 7, 8, 3), (2, 3, 3, 4), (2, 3), ((0, 3), (2, 1))),
-])
-def test_every_trace_time_form_matches_lax(x64, monkeypatch, choice, form, argnum, x_shape,
-                                           w_shape, strides, padding):
-  """Each backend's derivative form (chosen at trace time) is lax's derivative."""
-  monkeypatch.setattr(conv_module, choice, lambda: form)
-  _assert_derivatives_match_lax(argnum, x_shape, w_shape, strides, padding, seed=1)
+@pytest.mark.parametrize("form", ops.CPU_WEIGHT_GRADIENTS)
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", _DERIVATIVE_SHAPES)
+def test_every_weight_gradient_form_matches_lax(x64, cpu_weight_gradient, form, x_shape,
+                                                w_shape, strides, padding):
+  """Each weight-gradient form (chosen by the setting) is lax's derivative."""
+  cpu_weight_gradient(form)
+  _assert_derivatives_match_lax(1, x_shape, w_shape, strides, padding, seed=1)
+
+
+@pytest.mark.parametrize("by_phase", [False, True])
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", _DERIVATIVE_SHAPES)
+def test_both_strided_input_adjoints_match_lax(x64, monkeypatch, by_phase, x_shape,
+                                               w_shape, strides, padding):
+  """The strided input adjoint by stride phase (XLA:CPU) and the zero-dilated one
+  (accelerators) are both lax's derivative."""
+  monkeypatch.setattr(conv_module, "_strided_adjoint_by_phase", lambda: by_phase)
+  _assert_derivatives_match_lax(0, x_shape, w_shape, strides, padding, seed=1)
+
+
+def test_an_unknown_weight_gradient_form_is_named():
+  with pytest.raises(ValueError, match="im2col"):
+    ops.set_cpu_weight_gradient("fastest")
+
+
+def test_tune_cpu_runtime_pairs_the_flag_with_the_weight_gradient(monkeypatch,
+                                                                  cpu_weight_gradient):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  ops.tune_cpu_runtime()
+  assert ops.CPU_CONVOLUTION_FLAG in os.environ["XLA_FLAGS"]
+  assert ops.cpu_weight_gradient() == "forward_conv"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=-reduce")
+  ops.tune_cpu_runtime()  # a YNNPACK option of the user's own stays, so do its convs
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-reduce"
+  assert ops.cpu_weight_gradient() == "im2col"
 
 
 def test_linearizing_in_the_input_only_skips_the_patches():

@@ -15,10 +15,9 @@ import pytest
 from flax import nnx
 
 import jdeq
-from jdeq import models
+from jdeq import models, nn
 from jdeq.models import optimization as opt
 from jdeq.models.optimization import operators as ops_lib
-from jdeq.models.optimization.objective import per_sample_norm
 from tests.helpers import directional_difference, random_like, tree_vdot
 
 TIGHT = jdeq.Anderson(max_iter=200, tol=1e-13, m=6, stop_mode="abs")
@@ -202,7 +201,7 @@ def test_equilibrium_is_stationary_point_of_the_objective(x64, kind):
   spec = cell.objective_spec
   solve = jax.jit(lambda z0, ops: jdeq.fixed_point(spec.update, z0, ops, solver=TIGHT))
   z_star, stats = solve(cell.initial_state(x), operators)
-  scale = per_sample_norm(z_star)
+  scale = jdeq.per_sample_norm(z_star)
   assert bool(jnp.all(stats.converged))
   assert bool(jnp.all(jax.jit(spec.prox_residual)(z_star, operators) / scale < 1e-4))
   assert bool(jnp.all(jax.jit(spec.stationarity)(z_star, operators) / scale < 1e-4))
@@ -316,10 +315,10 @@ def test_perturbation_is_pulled_back_toward_the_minimizer(x64):
       cell.objective_spec.update, z0, ops, solver=TIGHT))(cell.initial_state(x), operators)
   perturbed = cell.perturb(z_star, operators, key=jax.random.PRNGKey(0), size=0.1)
   for zi, pi in zip(z_star, perturbed):
-    distance = per_sample_norm(pi - zi)
+    distance = jdeq.per_sample_norm(pi - zi)
     assert bool(jnp.all(distance > 0))
     # one step contracts the ε‖z*‖ perturbation by ≤ max(c², 2.5λ) = 0.81
-    assert bool(jnp.all(distance <= 0.1 * 0.81 * per_sample_norm(zi) + 1e-12))
+    assert bool(jnp.all(distance <= 0.1 * 0.81 * jdeq.per_sample_norm(zi) + 1e-12))
 
 
 # --- the models -------------------------------------------------------------------------
@@ -369,7 +368,7 @@ def test_model_gradient_matches_finite_differences(x64, family):
 
 
 def test_parameter_counts_next_to_mdeq(capsys):
-  counts = {name: opt.count_parameters(
+  counts = {name: nn.num_params(
                 nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0))))
             for name in ("mdeq_cifar_tiny", "mdeq_cifar_large", "mopteqs_cifar10",
                          "geq_cifar10", "mopteqs_cifar100", "geq_cifar100")}

@@ -26,7 +26,8 @@ _SCRIPT = textwrap.dedent("""
       mesh = train.data_mesh(devices)
       model = testing.TinyDEQClassifier((4, 4, 1), 3, dropout=0.2, rngs=nnx.Rngs(0))
       state = train.replicate(train.create_train_state(model, optimizer, seed=0), mesh)
-      step = train.make_train_step(optimizer, jacobian, unrolled=False, mesh=mesh)
+      step = train.make_train_step(optimizer, jacobian, unrolled=False,
+                                   forward_budget=config.forward_budget, mesh=mesh)
       losses = []
       for batch in [{"image": images, "label": labels}] * 2:
         sharded = train.shard_batch(batch, mesh)

@@ -159,9 +159,49 @@ def test_budget_is_dynamic_and_traces_are_recorded():
 
 def test_stop_modes_measure_different_residuals(x64):
   f, params, x = helpers.tanh_problem(jax.random.PRNGKey(6))
-  _, by_abs = _solve(jdeq.FixedPointIteration(500, 1e-6, "abs"), f, params, x)
-  _, by_rel = _solve(jdeq.FixedPointIteration(500, 1e-6, "rel"), f, params, x)
-  assert np.all(by_abs.abs_residual <= 1e-6)
-  assert np.all(by_rel.rel_residual <= 1e-6)
-  np.testing.assert_allclose(
-      by_rel.rel_residual * 1.0, by_rel.rel_residual)  # finite
+  z_abs, by_abs = _solve(jdeq.FixedPointIteration(500, 1e-6, "abs"), f, params, x)
+  z_rel, by_rel = _solve(jdeq.FixedPointIteration(500, 1e-6, "rel"), f, params, x)
+  assert np.all(by_abs.abs_residual <= 1e-6) and np.all(by_abs.converged)
+  assert np.all(by_rel.rel_residual <= 1e-6) and np.all(by_rel.converged)
+  for z, stats in ((z_abs, by_abs), (z_rel, by_rel)):  # the residuals of the result
+    fz = f(z, params, x)
+    np.testing.assert_allclose(stats.abs_residual, np.linalg.norm(fz - z, axis=1),
+                               rtol=1e-6)
+    np.testing.assert_allclose(stats.rel_residual, stats.abs_residual
+                               / np.linalg.norm(fz, axis=1), rtol=1e-12)
+  # Here ‖f(z*)‖ > 1, so the relative test is the looser one and stops sooner.
+  assert np.all(np.linalg.norm(f(z_rel, params, x), axis=1) > 1)
+  assert np.all(by_rel.nstep < by_abs.nstep)
+  assert np.all(by_rel.abs_residual > 1e-6)  # not converged by the abs measure
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_blow_up_with_bounded_relative_residual_is_flagged(x64, solver):
+  """``f(z) = 10 Q z + b`` (Q orthogonal): ‖f(z) − z‖/‖f(z)‖ stays near 1 while
+  every solver's iterates grow by orders of magnitude (float64, so nothing
+  overflows into a non-finite value). Under ``stop_mode="abs"`` the residual ratio
+  test already caught this; under ``"rel"`` only the growth test does."""
+  dim = 16
+  q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (dim, dim),
+                                         jnp.float64))
+  b = jax.random.normal(jax.random.PRNGKey(1), (2, dim), jnp.float64)
+  solver = type(solver)(**{**solver.__dict__, "max_iter": 50, "tol": 1e-3,
+                           "stop_mode": "rel"})
+  z, stats = _solve(solver, lambda z, q, b: 10 * z @ q.T + b, q, b)
+  assert np.all(stats.diverged) and not np.any(stats.converged), stats
+  assert np.all(stats.nstep < solver.max_iter)  # stopped, the budget not spent
+  assert np.all(np.isfinite(z))
+  assert np.all(stats.rel_residual < 1.5)  # the ratio alone would never tell
+
+
+def test_start_far_below_the_state_scale_is_not_divergence():
+  """Plain iteration from ``z₀ = 0`` with an injection of 1e-6 settles at an O(1)
+  equilibrium: the growth of ‖z‖ by ~10⁶ on the way is not a blow-up (the growth
+  test's scale has the floor √D)."""
+  def f(z, gain, x):  # expansive at 0: the stable fixed points are near ±0.957
+    return jnp.tanh(gain * z + x)
+
+  x = jnp.full((2, 4), 1e-6, jnp.float32)
+  z, stats = _solve(jdeq.FixedPointIteration(300, 1e-5), f, jnp.float32(2.0), x)
+  assert np.all(stats.converged) and not np.any(stats.diverged)
+  np.testing.assert_allclose(z, 0.9575, atol=1e-3)

@@ -13,6 +13,7 @@ from flax import nnx
 from jdeq import train
 from jdeq.train import metrics as metrics_lib
 from jdeq.train import testing
+from tests import helpers
 
 IMAGE_SHAPE = (4, 4, 1)
 
@@ -113,10 +114,11 @@ def test_jacobian_schedule_disabled_cases():
 
 
 def test_jacobian_draw_frequency_is_p_and_budget_jitter_is_bounded():
-  schedule = train.JacobianSchedule(gamma=1.0, prob=0.3, forward_budget=8,
-                                    budget_jitter=2)
+  schedule = train.JacobianSchedule(gamma=1.0, prob=0.3, budget_jitter=2)
   keys = jax.random.split(jax.random.key(0), 4000)
-  regularize, gamma, budget = jax.vmap(lambda k: schedule.draw(k, 5))(keys)
+  regularize, gamma, jitter = jax.vmap(lambda k: schedule.draw(k, 5))(keys)
+  budget = train.JacobianSchedule.budget(8, jitter)
+  assert train.JacobianSchedule.budget(None, jitter) is None
   assert abs(float(jnp.mean(regularize)) - 0.3) < 0.03
   np.testing.assert_allclose(gamma, 1.0)
   jittered = np.asarray(budget)[np.asarray(regularize)]
@@ -199,7 +201,8 @@ def test_split_regularized_steps_replay_the_in_graph_draws(dataset):
   optimizer = train.make_optimizer(config, 6)
   jacobian = train.JacobianSchedule.from_config(config, 6)
   make = lambda regularized: train.make_train_step(
-      optimizer, jacobian, unrolled=False, regularized=regularized, donate=False)
+      optimizer, jacobian, unrolled=False, regularized=regularized,
+      forward_budget=config.forward_budget, donate=False)
   in_graph, split = make(None), {True: make(True), False: make(False)}
   state = train.create_train_state(_model(), optimizer, seed=3)
   decisions = jacobian.regularized_steps(state.rng, 6)
@@ -252,6 +255,15 @@ def test_fit_trains_logs_reports_and_plots(dataset, tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["16", "24"]
   for name in ("curves.png", "solver.png"):
     assert (tmp_path / name).stat().st_size > 1000
+  # The same scalars as TensorBoard events beside metrics.jsonl.
+  scalars = helpers.read_event_scalars(tmp_path)
+  assert [step for step, _ in scalars["train/loss"]] == [4, 8, 12, 16, 20, 24]
+  np.testing.assert_allclose([value for _, value in scalars["train/loss"]],
+                             [r["loss"] for r in train_records], rtol=1e-6)
+  assert [step for step, _ in scalars["eval/accuracy"]] == [12, 24]
+  assert {"train/fwd_nfe", "train/residual", "train/lr", "eval/loss",
+          "eval/fwd_nfe", "eval/residual"} <= set(scalars)
+  assert "train/mode" not in scalars  # strings stay in the JSON lines
 
 
 def test_time_budget_stops_cleanly_and_reports(dataset, tmp_path):

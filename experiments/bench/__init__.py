@@ -1,17 +1,13 @@
-"""Benchmarks of jdeq: the core step, and every solver × gradient variant next to TorchDEQ.
+"""The benchmark: every solver × gradient variant of jdeq next to TorchDEQ.
 
-Entry points:
+``python -m experiments.bench`` runs workloads W1/W2/W3 in jdeq and TorchDEQ,
+alternately, and writes JSON, PNG charts and the README table. Each cell reports the
+training step, its forward and backward parts, and the overhead over the same number
+of bare map evaluations and VJPs (W1 with Anderson + IFT is the core step of
+``f(z, x) = tanh(Wz + Ux)``).
 
-* ``python -m experiments.bench.core_step`` — the foundation benchmark: one
-  Anderson + IFT training step of ``f(z, x) = tanh(Wz + Ux)`` against the time of the
-  same number of bare evaluations and VJPs of ``f``.
-* ``python -m experiments.bench`` — workloads W1/W2/W3 in jdeq and TorchDEQ, run
-  alternately; writes JSON, PNG charts and the README table.
-* ``python -m experiments.bench.profile_step`` — where one jdeq training step's
-  time goes (XLA profile by solve phase and operation kind).
-* ``python -m experiments.bench.op_costs`` — W3's heaviest layer operations
-  (convolutions, GroupNorm + ReLU) timed one by one in jdeq and PyTorch, forward and
-  VJP: which operations make up a gap between the two sides' map costs.
+What the investigation of the W2/W3 step times found (profiles, layer operations
+timed one by one, every remedy tried) is recorded in ``docs/benchmarks.md``.
 
 Modules that the TorchDEQ worker imports (``timing``, ``workloads``, ``torch_side``,
 ``torch_mdeq``) must not import JAX: that worker runs in its own virtual environment.

@@ -14,26 +14,23 @@ the functions that are timed:
 * ``bare``: the same number of bare map evaluations and VJPs as the step needs
   (:func:`experiments.bench.workloads.evaluation_counts`), the denominator of the
   overhead ratio.
-
-:func:`layer_op_costs` times W3's heaviest layer operations one by one
-(``experiments.bench.op_costs``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax._src import xla_bridge  # backends_are_initialized has no public name
 import numpy as np
 import optax
 from flax import nnx
 
 import jdeq
-from jdeq import models
+from jdeq import models, nn
 from jdeq.nn import NORM_EPSILON, group_norm_nhwc
 from jdeq.ops import conv2d
 from experiments.bench import workloads
@@ -155,7 +152,7 @@ def mdeq_cell(seed: int = 0) -> Cell:
 
 def parameter_count(cell: Cell) -> int:
   """Number of trainable scalars of a cell (compared across frameworks for W3)."""
-  return int(sum(np.size(leaf) for leaf in jax.tree.leaves(cell.params)))
+  return nn.num_params(cell.params)
 
 
 def build_cell(workload: str, seed: int = 0) -> Cell:
@@ -297,95 +294,8 @@ def build_variant(workload: str, variant: str, forward_iters: int | None = None,
       step=jax.jit(step), bare=jax.jit(bare), read_counts=counts)
 
 
-def _layer_op(op: workloads.LayerOp, arrays: dict) -> tuple[Callable, dict]:
-  """``f(x, params)`` of one layer operation, and its parameters."""
-  if op.kind == "conv":
-    def conv(x, params):
-      return conv2d(x, params["kernel"], (op.stride, op.stride), ((1, 1), (1, 1)))
-    return conv, {"kernel": jnp.asarray(arrays["kernel"])}
-
-  def group_norm_relu(x, params):
-    return jax.nn.relu(group_norm_nhwc(x, workloads.W3_GROUPS, params["scale"],
-                                       params["bias"], workloads.LAYER_OP_EPSILON))
-  return group_norm_relu, {"scale": jnp.asarray(arrays["scale"]),
-                           "bias": jnp.asarray(arrays["bias"])}
-
-
-def _repeated(body: Callable[[jax.Array], jax.Array], calls: int, like: jax.Array):
-  """``calls`` evaluations of ``body(one)`` in one loop, as a solver runs them.
-
-  ``one`` is 1 computed from the previous call's result: each call depends on the
-  one before, so that XLA can neither hoist the (otherwise loop-invariant) call out
-  of the loop nor drop calls whose results are overwritten. Multiplying a small
-  array (a kernel) or an operand that is fused into the operation's first pass by
-  it costs nothing measurable.
-  """
-  def one_from(previous):
-    return 1 + 0 * previous[(0,) * previous.ndim]
-  out = jax.eval_shape(body, jnp.ones((), like.dtype))
-  return jax.lax.fori_loop(0, calls, lambda _, previous: body(one_from(previous)),
-                           jnp.zeros(out.shape, out.dtype))
-
-
-def layer_op_costs(batch: int = workloads.W3.batch, reps: int = 5,
-                   loop_calls: int = 4) -> dict[str, dict[str, float]]:
-  """Seconds per call of each of :data:`workloads.W3_LAYER_OPS`, forward and VJP.
-
-  Each figure is a call's cost inside a loop (where a solver runs it): the median
-  over ``reps`` of ``(T(2n) − T(n)) / n`` for jitted loops of ``n = loop_calls`` and
-  ``2n`` calls, which cancels the fixed cost of a call. The VJP is the input
-  cotangent's pullback; for a GroupNorm it is linearized once before the loop (as
-  the IFT backward solve does), for a convolution the pullback needs the kernel only.
-  """
-  costs = {}
-  for op in workloads.W3_LAYER_OPS:
-    arrays = workloads.layer_op_arrays(op, batch)
-    f, params = _layer_op(op, arrays)
-    x, cotangent = jnp.asarray(arrays["x"]), jnp.asarray(arrays["cotangent"])
-    if op.kind == "conv":  # each call takes the kernel times ``one``
-      def forward(x, cotangent, calls, f=f, params=params):
-        del cotangent
-        return _repeated(lambda one: f(x, {"kernel": params["kernel"] * one}), calls, x)
-
-      def vjp(x, cotangent, calls, f=f, params=params):
-        def pull(one):
-          kernel = params["kernel"] * one
-          return jax.vjp(lambda v: f(v, {"kernel": kernel}), x)[1](cotangent)[0]
-        return _repeated(pull, calls, x)
-    else:  # each call takes its input (forward) or cotangent (VJP) times ``one``
-      def forward(x, cotangent, calls, f=f, params=params):
-        del cotangent
-        return _repeated(lambda one: f(x * one, params), calls, x)
-
-      def vjp(x, cotangent, calls, f=f, params=params):
-        _, pullback = jax.vjp(lambda v: f(v, params), x)
-        return _repeated(lambda one: pullback(cotangent * one)[0], calls, x)
-
-    costs[op.name] = {
-        name: _per_call_seconds(
-            lambda calls, way=way: jax.jit(functools.partial(way, calls=calls)),
-            (x, cotangent), reps, loop_calls)
-        for name, way in (("forward", forward), ("vjp", vjp))}
-  return costs
-
-
-def _per_call_seconds(make: Callable[[int], Callable], args: tuple, reps: int,
-                      calls: int) -> float:
-  short, long = make(calls), make(2 * calls)
-  samples = []
-  for _ in range(reps + 1):  # the first pair compiles
-    times = []
-    for function in (short, long):
-      start = time.perf_counter()
-      jax.block_until_ready(function(*args))
-      times.append(time.perf_counter() - start)
-    samples.append((times[1] - times[0]) / calls)
-  return float(np.median(samples[1:]))
-
-
 def backend_started() -> bool:
   """Whether JAX has started a backend (after which XLA flags and threads are fixed)."""
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   started = getattr(xla_bridge, "backends_are_initialized", None)
   return bool(started and started())
 

@@ -106,7 +106,7 @@ def readme_section(results: dict[str, Any]) -> str:
       f"{described}. The full training step is forward solve + backward + SGD "
       "update; both sides run with the same number of threads. Charts and the raw "
       "figures (JSON) are written to `experiments/bench/results/`; "
-      "`python -m experiments.bench.profile_step` shows where a jdeq step's time goes.")
+      "`docs/benchmarks.md` records where a step's time goes.")
   return "## Benchmarks\n\n" + intro + "\n\n" + markdown_table(results)
 
 

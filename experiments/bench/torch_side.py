@@ -15,8 +15,7 @@ virtual environment (``requirements-bench.txt``) and talks to it in JSON lines:
 
 ``python -m experiments.bench.torch_side --memory '{"workload": ..., "variant": ...,
 "forward_iters": ...}'`` instead measures one training step's peak memory in this
-fresh process and prints one JSON line; ``--layer-ops '{"batch": ..., "reps": ...}'``
-times W3's layer operations one by one (:func:`layer_op_costs`) and prints them.
+fresh process and prints one JSON line.
 
 Each step follows TorchDEQ's documented training loop: ``reset_deq`` on the cell
 (weight norm computed once per step, fresh dropout masks), the injection computed
@@ -332,50 +331,6 @@ def measure_memory(workload: str, variant: str, forward_iters: int) -> dict:
   return {"rss_delta_bytes": max(peak - before, 0), "saved_bytes": sum(saved.values())}
 
 
-def _layer_op(op: workloads.LayerOp, arrays: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-  if op.kind == "conv":
-    kernel = _conv_weight(arrays["kernel"])
-    return lambda x: F.conv2d(x, kernel, stride=op.stride, padding=1)
-  scale, bias = torch.from_numpy(arrays["scale"]), torch.from_numpy(arrays["bias"])
-  return lambda x: F.relu(F.group_norm(x, workloads.W3_GROUPS, scale, bias,
-                                       workloads.LAYER_OP_EPSILON))
-
-
-def _nchw(nhwc: np.ndarray) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2)))
-
-
-def layer_op_costs(batch: int, reps: int) -> dict[str, dict[str, float]]:
-  """Seconds per call of each of :data:`workloads.W3_LAYER_OPS`, forward and VJP.
-
-  NCHW tensors, as the TorchDEQ port of MDEQ runs them; each figure is the median
-  of ``reps`` calls after two untimed ones. The VJP reuses one recorded graph
-  (``retain_graph``), as the IFT backward solve does.
-  """
-  costs = {}
-  for op in workloads.W3_LAYER_OPS:
-    arrays = workloads.layer_op_arrays(op, batch)
-    f = _layer_op(op, arrays)
-    x, cotangent = _nchw(arrays["x"]), _nchw(arrays["cotangent"])
-
-    def forward(f=f, x=x):
-      with torch.no_grad():
-        f(x)
-
-    source = x.clone().requires_grad_()
-    out = f(source)
-
-    def vjp(out=out, source=source, cotangent=cotangent):
-      torch.autograd.grad(out, source, cotangent, retain_graph=True)
-
-    costs[op.name] = {}
-    for name, call in (("forward", forward), ("vjp", vjp)):
-      call()
-      call()
-      costs[op.name][name] = float(np.median(timing.time_round(call, reps)))
-  return costs
-
-
 def _use_runner_threads() -> None:
   """The thread count the runner chose for both sides (``JDEQ_BENCH_TORCH_THREADS``)."""
   threads = int(os.environ.get("JDEQ_BENCH_TORCH_THREADS", "0"))
@@ -427,14 +382,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description="TorchDEQ benchmark worker")
   parser.add_argument("--memory", default=None,
                       help="JSON {workload, variant, forward_iters}: measure and exit")
-  parser.add_argument("--layer-ops", default=None,
-                      help="JSON {batch, reps}: time W3's layer operations and exit")
   args = parser.parse_args(argv)
-  if args.layer_ops:
-    request = json.loads(args.layer_ops)
-    _use_runner_threads()
-    print(json.dumps(layer_op_costs(request["batch"], request["reps"])))
-    return 0
   if args.memory:
     request = json.loads(args.memory)
     print(json.dumps(measure_memory(request["workload"], request["variant"],

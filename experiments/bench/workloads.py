@@ -112,64 +112,6 @@ W3_MODEL = "mdeq_cifar_tiny"
 W3_PARAMS = 158_890
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerOp:
-  """One of W3's layer operations, timed alone on both sides (``bench.op_costs``).
-
-  Attributes:
-    name: a human description.
-    kind: ``"conv"`` (3×3, padding 1) or ``"group_norm_relu"`` (ReLU(GroupNorm(x))).
-    size: input height and width.
-    in_channels: input channels.
-    out_channels: output channels (a GroupNorm's are its input's).
-    stride: the convolution's stride.
-  """
-  name: str
-  kind: str
-  size: int
-  in_channels: int
-  out_channels: int
-  stride: int = 1
-
-
-# MDEQ-Tiny's heaviest operations: its residual blocks' convolutions at both
-# resolutions, the stride-2 convolution of the fusion, and the GroupNorm + ReLU
-# after the widening convolution and after the block.
-W3_LAYER_OPS = (
-    LayerOp("conv 3x3 24->120, 32x32", "conv", 32, 24, 120),
-    LayerOp("conv 3x3 120->24, 32x32", "conv", 32, 120, 24),
-    LayerOp("conv 3x3 24->120, 16x16", "conv", 16, 24, 120),
-    LayerOp("conv 3x3 120->24, 16x16", "conv", 16, 120, 24),
-    LayerOp("conv 3x3 24->24 stride 2, 32x32", "conv", 32, 24, 24, stride=2),
-    LayerOp("GroupNorm+ReLU 120 ch, 32x32", "group_norm_relu", 32, 120, 120),
-    LayerOp("GroupNorm+ReLU 24 ch, 32x32", "group_norm_relu", 32, 24, 24),
-)
-W3_GROUPS = 8
-LAYER_OP_EPSILON = 1e-5
-
-
-def layer_op_arrays(op: LayerOp, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Input ``x`` (NHWC), parameters and output cotangent ``cotangent`` of ``op``.
-
-  Parameters: ``kernel`` (3, 3, in, out) HWIO for a convolution; ``scale`` and
-  ``bias`` (C,) for a GroupNorm.
-  """
-  rng = np.random.default_rng(seed)
-  x = rng.standard_normal((batch, op.size, op.size, op.in_channels)).astype(np.float32)
-  out_size = -(-op.size // op.stride)
-  arrays = {"x": x, "cotangent": rng.standard_normal(
-      (batch, out_size, out_size, op.out_channels)).astype(np.float32)}
-  if op.kind == "conv":
-    arrays["kernel"] = _scaled_normal(rng, (3, 3, op.in_channels, op.out_channels),
-                                      9 * op.in_channels, 1.0)
-  elif op.kind == "group_norm_relu":
-    arrays["scale"] = np.ones((op.in_channels,), np.float32)
-    arrays["bias"] = np.zeros((op.in_channels,), np.float32)
-  else:
-    raise ValueError(f"unknown layer operation kind {op.kind!r}")
-  return arrays
-
-
 def workload(name: str) -> Workload:
   if name not in WORKLOADS:
     raise ValueError(f"unknown workload {name!r}; valid workloads are {sorted(WORKLOADS)}")

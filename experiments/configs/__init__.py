@@ -5,11 +5,12 @@ experiments with :func:`register`, so adding an experiment means adding a file,
 e.g. ``mopteqs_cifar10.py`` or ``geq_imagenet100.py``::
 
   from experiments.configs import register
-  from jdeq.train import ExperimentConfig, TrainConfig
+  from jdeq import data
+  from jdeq.experiment import ExperimentConfig
+  from jdeq.train import TrainConfig
 
   @register("mopteqs_cifar10")
   def mopteqs_cifar10() -> ExperimentConfig:
-    from jdeq import data
     return ExperimentConfig(model="mopteqs_cifar_small", data=data.DataConfig(...),
                             train=TrainConfig(...))
 
@@ -23,7 +24,7 @@ import importlib
 import pkgutil
 from typing import Callable
 
-from jdeq.train import ExperimentConfig
+from jdeq.experiment import ExperimentConfig
 
 Factory = Callable[[], ExperimentConfig]
 _REGISTRY: dict[str, Factory] = {}

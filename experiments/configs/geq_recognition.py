@@ -1,4 +1,4 @@
-"""GEQ (Li et al., NeurIPS 2023; papers.md §6) on CIFAR-10/100, Imagenette, ImageNet-100.
+"""GEQ (Li et al., NeurIPS 2023) on CIFAR-10/100, Imagenette, ImageNet-100.
 
 GEQ's exact schedule is not public: "SGD with a step schedule", Anderson forward,
 phantom gradients backward. We use the MOptEqs recipe of the same authors (batch 128,
@@ -11,7 +11,7 @@ from experiments.configs import register
 from experiments.configs.mopteqs_recognition import (budget_experiment,
                                                      paper_train_config,
                                                      step_schedule_experiment)
-from jdeq.train import ExperimentConfig
+from jdeq.experiment import ExperimentConfig
 
 
 @register("geq_cifar10")

@@ -1,4 +1,4 @@
-"""MDEQ on CIFAR-10 (Bai, Koltun & Kolter, NeurIPS 2020; papers.md §1).
+"""MDEQ on CIFAR-10 (Bai, Koltun & Kolter, NeurIPS 2020).
 
 ``mdeq_cifar_tiny`` and ``mdeq_cifar_large`` follow the reference schedules;
 ``mdeq_cifar_tiny_20min`` is the same recipe with its schedule lengths scaled to a
@@ -9,7 +9,9 @@ Jacobian-regularization and optimization-cell comparisons).
 from typing import Optional
 
 from experiments.configs import register
-from jdeq.train import ExperimentConfig, TrainConfig
+from jdeq import data
+from jdeq.experiment import ExperimentConfig
+from jdeq.train import TrainConfig
 
 # The reference TINY recipe: 50 epochs of 390 steps, 3000 of them unrolled.
 _TINY_EPOCHS = 50
@@ -17,7 +19,6 @@ _TINY_PRETRAIN_FRACTION = 3000 / (_TINY_EPOCHS * 390)
 
 
 def _cifar(augment: bool, batch_size: int = 128, eval_batch_size=None):
-  from jdeq import data
   return data.DataConfig(name="cifar10", batch_size=batch_size, augment=augment,
                          eval_batch_size=eval_batch_size)
 

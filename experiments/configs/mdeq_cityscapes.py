@@ -1,4 +1,6 @@
-"""MDEQ semantic segmentation on Cityscapes (papers.md §1) [75.1 mIoU small].
+"""MDEQ semantic segmentation on Cityscapes [75.1 mIoU small].
+
+MDEQ: Bai, Koltun & Kolter, "Multiscale Deep Equilibrium Models", NeurIPS 2020.
 
 Labels are per pixel; the ignore label (255) has no weight in the loss and the
 accuracy. Optimizer values (SGD, lr 0.01, weight decay 5e-4, batch 12) follow the
@@ -7,11 +9,12 @@ replaced by the cosine one. Needs GPUs and the manually downloaded Cityscapes.
 """
 
 from experiments.configs import register
-from jdeq.train import ExperimentConfig, TrainConfig
+from jdeq import data
+from jdeq.experiment import ExperimentConfig
+from jdeq.train import TrainConfig
 
 
 def _cityscapes(model: str) -> ExperimentConfig:
-  from jdeq import data
   return ExperimentConfig(
       model=model,
       data=data.DataConfig(name="cityscapes", batch_size=12, augment=True),

@@ -1,4 +1,6 @@
-"""MDEQ on ImageNet (papers.md §1): SMALL [75.4% top-1] and LARGE [77.5%].
+"""MDEQ on ImageNet: SMALL [75.4% top-1] and LARGE [77.5%].
+
+MDEQ: Bai, Koltun & Kolter, "Multiscale Deep Equilibrium Models", NeurIPS 2020.
 
 The optimizer settings (Nesterov SGD, lr 0.05, weight decay 5e-5, cosine, 100
 epochs) are our reading of the reference configuration, not verified against it
@@ -7,11 +9,12 @@ downloaded ImageNet in the TFDS data directory.
 """
 
 from experiments.configs import register
-from jdeq.train import ExperimentConfig, TrainConfig
+from jdeq import data
+from jdeq.experiment import ExperimentConfig
+from jdeq.train import TrainConfig
 
 
 def _imagenet():
-  from jdeq import data
   return data.DataConfig(name="imagenet2012", batch_size=128, augment=True)
 
 

@@ -1,4 +1,4 @@
-"""MOptEqs (Li et al., ICLR 2022; papers.md §5) on CIFAR-10/100, Imagenette, ImageNet-100.
+"""MOptEqs (Li et al., ICLR 2022) on CIFAR-10/100, Imagenette, ImageNet-100.
 
 The paper's recipe: batch 128, SGD (momentum 0.9), weight decay 1e-3, lr 0.1 decayed
 ×0.1 at epochs 100/150/175 of 200; the models use Anderson forward and phantom
@@ -9,7 +9,9 @@ recipe with its step schedule compressed into a 15-minute CPU budget (see
 """
 
 from experiments.configs import register
-from jdeq.train import ExperimentConfig, TrainConfig
+from jdeq import data
+from jdeq.experiment import ExperimentConfig
+from jdeq.train import TrainConfig
 
 # Dataset name, training-time augmentation of each benchmark.
 DATASETS = {"cifar10": ("cifar10", True), "cifar100": ("cifar100", True),
@@ -64,7 +66,6 @@ def budget_train_config(steps: int, batch_size: int = BUDGET_BATCH_SIZE,
 def step_schedule_experiment(family: str, dataset: str, train: TrainConfig, *,
                              batch_size: int = PAPER_BATCH_SIZE) -> ExperimentConfig:
   """``{family}_{dataset}`` model with the papers' data setup and ``train``."""
-  from jdeq import data
   name, augment = DATASETS[dataset]
   return ExperimentConfig(
       model=f"{family}_{dataset}",

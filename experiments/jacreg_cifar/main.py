@@ -30,17 +30,16 @@ import matplotlib
 import numpy as np
 from flax import nnx
 
-import experiments
 import jdeq
 from experiments.configs import mdeq_cifar
-from jdeq import data, models
-from jdeq.train import (apply_overrides, budget_sweep, finished_report,
-                        make_optimizer, model_config, restore_state, run_experiment)
+from jdeq import data, models, ops
+from jdeq.experiment import apply_overrides, finished_report, model_config, run_experiment
+from jdeq.train import budget_sweep, make_optimizer, restore_state
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-experiments.tune_cpu_runtime()  # must precede JAX's first computation
+ops.tune_cpu_runtime()  # must precede JAX's first computation
 
 TRACE_SOLVER = jdeq.Broyden(max_iter=30, tol=1e-6, stop_mode="rel", record_trace=True)
 

@@ -36,12 +36,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import experiments
 from experiments.configs import mdeq_cifar, mopteqs_recognition  # noqa: E402
-from jdeq.train import (ExperimentConfig, apply_overrides,  # noqa: E402
-                        finished_report, reporting, run_experiment)
+from jdeq import ops  # noqa: E402
+from jdeq.experiment import (ExperimentConfig, apply_overrides,  # noqa: E402
+                             finished_report, run_experiment)
+from jdeq.train import reporting  # noqa: E402
 
-experiments.tune_cpu_runtime()  # must precede JAX's first computation
+ops.tune_cpu_runtime()  # must precede JAX's first computation
 
 DEFAULT_MINUTES = mdeq_cifar.COMPARISON_MINUTES
 TEST_IMAGES = mdeq_cifar.COMPARISON_TEST_IMAGES

@@ -8,13 +8,20 @@ decision (residual, convergence, Anderson mixing weights) is taken per sample.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 PyTree = Any
+
+# The state dtypes the solvers accept. Half-precision states are refused: with
+# 8 (bfloat16) or 11 (float16) bits of precision the default tolerances are out
+# of reach and residual norms lose their meaning.
+SOLVER_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
 class BatchedLayout(NamedTuple):
@@ -38,7 +45,9 @@ def layout_of(tree: PyTree, what: str = "z0") -> BatchedLayout:
 
   Raises:
     ValueError: if the tree is empty, a leaf has no batch axis, the leaves disagree
-      on the batch size, or on the dtype (the solver mixes them in one vector).
+      on the batch size, or on the dtype (the solver mixes them in one vector), or
+      the dtype is not float32 or float64 (half-precision states are refused: see
+      ``SOLVER_DTYPES``).
   """
   leaves, treedef = jax.tree.flatten(tree)
   if not leaves:
@@ -61,7 +70,14 @@ def layout_of(tree: PyTree, what: str = "z0") -> BatchedLayout:
         f"all leaves of {what} must share one dtype; got {sorted(map(str, dtypes))}")
   dtype = dtypes.pop()
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"{what} must be floating point; got dtype {dtype}")
+    raise ValueError(f"{what} must be floating point (float32 or float64); got dtype "
+                     f"{dtype}")
+  if dtype not in SOLVER_DTYPES:
+    raise ValueError(
+        f"{what} has dtype {dtype}; the solvers run in float32 or float64 only (at "
+        f"{jnp.finfo(dtype).nmant + 1} bits of precision a residual tolerance below "
+        f"{float(jnp.finfo(dtype).eps):.0e} is out of reach): cast the state, e.g. "
+        f"z0.astype(jnp.float32), and let the map compute in lower precision inside")
   return BatchedLayout(treedef, tuple(shapes), dtype, batch_sizes.pop())
 
 
@@ -99,7 +115,8 @@ def check_same_structure(expected: PyTree, actual: PyTree, what: str) -> None:
     if jnp.result_type(e) != jnp.result_type(a):
       raise ValueError(
           f"{what}: leaf {i} has dtype {jnp.result_type(a)}, the state's has "
-          f"{jnp.result_type(e)}")
+          f"{jnp.result_type(e)} (the map must keep the state's dtype: cast z0 to "
+          f"the dtype of the map's arguments, or the map's output to z0's)")
 
 
 def flat_function(fn: Callable[[PyTree], PyTree],
@@ -108,11 +125,18 @@ def flat_function(fn: Callable[[PyTree], PyTree],
   return lambda flat: flatten(fn(unflatten(flat, layout)), layout)
 
 
-def per_sample_norm(x: jax.Array) -> jax.Array:
-  """Euclidean norm of each row of a ``(B, D)`` array."""
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=1))
+def per_sample_sum(tree: PyTree) -> jax.Array:
+  """``Σ`` over every axis but the leading batch axis, summed over the leaves: ``(B,)``."""
+  sums = [jnp.sum(jnp.reshape(leaf, (jnp.shape(leaf)[0], -1)), axis=1)
+          for leaf in jax.tree.leaves(tree)]
+  return functools.reduce(operator.add, sums)
 
 
-def per_sample_dot(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Row-wise inner products of two ``(B, D)`` arrays."""
-  return jnp.sum(x * y, axis=1)
+def per_sample_dot(x: PyTree, y: PyTree) -> jax.Array:
+  """Per-sample inner products ``⟨x_b, y_b⟩`` of two batched pytrees (or ``(B, D)`` arrays)."""
+  return per_sample_sum(jax.tree.map(jnp.multiply, x, y))
+
+
+def per_sample_norm(x: PyTree) -> jax.Array:
+  """Per-sample Euclidean norms ``‖x_b‖`` of a batched pytree (or a ``(B, D)`` array)."""
+  return jnp.sqrt(per_sample_dot(x, x))

@@ -30,7 +30,7 @@ from jax.custom_derivatives import SymbolicZero
 from jdeq._src import batched_tree
 from jdeq._src.gradients import IFT, JFB, GradientMode, Krylov, Phantom, Unrolled
 from jdeq._src.solvers.anderson import Anderson
-from jdeq._src.solvers.base import AbstractSolver, iterate
+from jdeq._src.solvers.base import AbstractSolver, check_budget, iterate
 from jdeq._src.stats import SolverStats, backward_stats_probe, stats_to_probe
 
 PyTree = Any
@@ -58,7 +58,8 @@ def fixed_point(
     grad: gradient mode (``IFT``, ``Phantom``, ``JFB`` or ``Unrolled``).
     budget: optional, possibly traced, forward evaluation budget, at most
       ``solver.max_iter``; varies the stopping point without recompiling (forward
-      budget jitter, hard-stopped evaluation).
+      budget jitter, hard-stopped evaluation). A traced value is clipped to
+      ``[1, solver.max_iter]``; a Python integer outside that range is an error.
     backward_probe: optional output of :func:`jdeq.backward_stats_probe`; its gradient
       holds the statistics of the IFT backward solve (zero for the other modes,
       whose backward pass is a fixed number of steps).
@@ -67,16 +68,22 @@ def fixed_point(
     ``(z_star, stats)``: the equilibrium (for Phantom/JFB, the last differentiated
     step from it) and the forward :class:`~jdeq.SolverStats`.
 
+  Non-finite values are data, not errors: a sample whose map value is NaN or inf
+  (a NaN in its input, say) is flagged ``stats.diverged``, and the solve keeps its
+  best finite iterate (``z0`` if there is none).
+
   Raises:
     ValueError: if ``f(z0, *args)`` does not match ``z0`` in structure, shape or
-      dtype, if ``z0`` is not a batched floating pytree, or if a configuration is of
-      the wrong kind.
+      dtype, if ``z0`` is not a batched float32 or float64 pytree, if a Python
+      integer ``budget`` is outside ``[1, solver.max_iter]``, or if a configuration
+      is of the wrong kind.
   """
   if not isinstance(solver, AbstractSolver):
     raise ValueError(f"solver must be FixedPointIteration, Anderson or Broyden, got "
                      f"{solver!r}")
   if not isinstance(grad, (IFT, Phantom, JFB, Unrolled)):
     raise ValueError(f"grad must be IFT, Phantom, JFB or Unrolled, got {grad!r}")
+  check_budget(solver, budget)
   z0 = jax.tree.map(jnp.asarray, z0)
   layout = batched_tree.layout_of(z0, "z0")
   batched_tree.check_same_structure(

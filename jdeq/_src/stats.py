@@ -17,9 +17,11 @@ class SolverStats(NamedTuple):
     abs_residual: ``‖f(z) − z‖₂`` at the returned iterate.
     rel_residual: ``‖f(z) − z‖₂ / ‖f(z)‖₂`` at the returned iterate.
     converged: bool, the stop-mode residual reached the tolerance.
-    diverged: bool, the iteration produced a non-finite value or its residual
-      exploded (see the solver's ``divergence_ratio``); the sample's best finite
-      iterate is returned.
+    diverged: bool, the iteration produced a non-finite value, its stop-mode
+      residual exploded, or its iterate or absolute residual grew far beyond
+      their initial scale, whatever the stop mode (see
+      :class:`jdeq.AbstractSolver`'s ``divergence_ratio``); the sample's best
+      finite iterate is returned.
     trace: ``(B, T)`` stop-mode residual after each evaluation, ``T = max_iter``
       when the solver records traces (``record_trace=True``), else ``T = 0``.
       Entries after a sample stopped repeat its last residual.

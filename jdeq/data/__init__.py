@@ -17,14 +17,10 @@ ArrayRecord file format, while TFDS prepares datasets as TFRecord files by defau
 :class:`DatasetSpec`:
 
 * In memory (MNIST, CIFAR-10/100): the split is decoded once per process into a
-  uint8 array (CIFAR-10: 184 MB, about 10 s for the 50k training PNGs on 2 cores)
-  and batches are gathered, augmented and normalized with numpy in a background
-  thread. Random access makes exact resume free (batch ``k`` is computed directly,
-  nothing is skipped), and it is much cheaper than decoding PNGs every step.
-  Measured on the 2-core development CPU under load, CIFAR-10 batches of 128:
-  about 22k images/s with crop+flip augmentation and 36k images/s without, against
-  3.8k and 4.3k images/s for a tf.data pipeline that decodes every step (parallel
-  map, prefetch), which also keeps both cores busy.
+  uint8 array and batches are gathered, augmented and normalized with numpy in a
+  background thread. Random access makes exact resume free (batch ``k`` is computed
+  directly, nothing is skipped), and it is much cheaper than decoding images every
+  step (figures in ``docs/benchmarks.md``).
 * Streamed (Imagenette, ImageNet-2012, ImageNet-100, Cityscapes): a tf.data pipeline
   per epoch reads the shards in a seeded order through a seeded shuffle buffer,
   decodes and augments in a deterministic parallel map with stateless random ops,
@@ -36,10 +32,10 @@ In both, training batch ``k`` depends only on ``(seed, k)``; see
 
 from jdeq.data.augment_numpy import CropFlip, apply_crop_flip, sample_crop_flip
 from jdeq.data.config import DataConfig, Imbalance
-from jdeq.data.imbalance import class_counts, majority_classes, per_class_counts
+from jdeq.data.imbalance import majority_classes, per_class_counts
 from jdeq.data.pipeline import eval_batches, steps_per_epoch, train_batches
-from jdeq.data.source import (DatasetInfo, DatasetNotFoundError, clear_cache,
-                              dataset_info, resolve_data_dir)
+from jdeq.data.source import (DatasetInfo, DatasetNotFoundError, class_counts,
+                              clear_cache, dataset_info, resolve_data_dir)
 from jdeq.data.specs import (CITYSCAPES_LABEL_ID_TO_TRAIN_ID, IGNORE_LABEL,
                              IMAGENET100_WNIDS, DatasetSpec, get_spec, list_datasets,
                              register)

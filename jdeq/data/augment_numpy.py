@@ -1,8 +1,8 @@
 """Vectorized numpy augmentation of uint8 image batches (the in-memory datasets).
 
-Cropping, flipping and normalizing a CIFAR-10 batch of 128 costs about 2 ms of one
-core, against decoding 128 PNGs per step in a tf.data pipeline (see the package
-docstring).
+Cropping, flipping and normalizing a batch of uint8 images is a few vectorized numpy
+passes, much cheaper than decoding the images every step in a tf.data pipeline
+(figures in ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def apply_crop_flip(images: np.ndarray, params: CropFlip) -> np.ndarray:
   ``(i - shift_y[b], j' - shift_x[b])`` with ``j' = W - 1 - j`` if ``flip[b]`` else
   ``j``, and zero where that falls outside the image: exactly a crop of the image
   zero-padded by ``p >= |shift|`` at offset ``(p - shift_y, p - shift_x)``, mirrored.
-  Copying the overlapping block per image is about 4x faster than one fancy-index
-  gather over the batch (whose index arithmetic dominates for 32x32 images).
+  The overlapping block is copied per image rather than gathered with one fancy index
+  over the batch, whose index arithmetic dominates for small images.
   """
   batch, height, width, _ = images.shape
   out = np.zeros_like(images)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Union
 
-from jdeq._src.config import config, require, require_positive
+from jdeq import config, require, require_positive
 from jdeq.data.specs import get_spec, list_datasets
 
 ImageSize = Union[int, tuple[int, int]]
@@ -17,22 +17,27 @@ class Imbalance:
   ``majority_classes = K_A`` classes keep ``n_majority = n_A`` examples each; the other
   ``K_B = num_classes - K_A`` (minority) classes keep ``n_B = n_A // ratio`` each.
 
-  Which classes are the majority: with ``seed=None`` the first ``K_A`` classes by
-  label index, and each class keeps its first examples in the split's stored order.
-  With an integer ``seed``, ``numpy.random.default_rng(seed)`` permutes the class
-  order (the first ``K_A`` classes of the permutation are the majority) and draws
-  which examples each class keeps. Either way the subset is fixed by the config.
+  The protocol of Fang et al. (PNAS 2021), the field's standard: by default labels
+  ``0 … K_A−1`` are the majority classes. ``seed`` fixes which examples a class keeps:
+  with ``seed=None`` its first examples in the split's stored order, with an integer
+  the first ``n`` of a ``numpy.random.default_rng([seed, 1])`` shuffle of the class's
+  examples. ``class_seed`` (an integer) instead permutes the class order with
+  ``numpy.random.default_rng(class_seed)``, the first ``K_A`` classes of the
+  permutation becoming the majority. Either way the subset is fixed by the config.
 
   Attributes:
     majority_classes: ``K_A``, 1 <= K_A <= num_classes.
     n_majority: ``n_A``, examples per majority class.
     ratio: ``R >= 1``; minority classes keep ``n_A // R`` examples (at least 1).
-    seed: ``None`` (first classes, first examples) or a seed as described above.
+    seed: ``None`` (first examples) or the seed of the per-class example shuffle.
+    class_seed: ``None`` (majority = the first ``K_A`` labels) or the seed of the
+      class permutation.
   """
   majority_classes: int
   n_majority: int
   ratio: float = 1.0
   seed: Optional[int] = None
+  class_seed: Optional[int] = None
 
   def __post_init__(self):
     require_positive(self, majority_classes=self.majority_classes,

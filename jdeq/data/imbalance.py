@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jdeq.data.config import DataConfig, Imbalance
+from jdeq.data.config import Imbalance
 
 
 def majority_classes(imbalance: Imbalance, num_classes: int) -> np.ndarray:
@@ -20,9 +20,9 @@ def _class_order(imbalance: Imbalance, num_classes: int) -> np.ndarray:
   if imbalance.majority_classes > num_classes:
     raise ValueError(f"Imbalance: majority_classes={imbalance.majority_classes} "
                      f"exceeds the dataset's {num_classes} classes")
-  if imbalance.seed is None:
+  if imbalance.class_seed is None:
     return np.arange(num_classes)
-  return np.random.default_rng(imbalance.seed).permutation(num_classes)
+  return np.random.default_rng(imbalance.class_seed).permutation(num_classes)
 
 
 def per_class_counts(imbalance: Imbalance, num_classes: int) -> np.ndarray:
@@ -30,26 +30,6 @@ def per_class_counts(imbalance: Imbalance, num_classes: int) -> np.ndarray:
   counts = np.full(num_classes, imbalance.n_minority, np.int64)
   counts[majority_classes(imbalance, num_classes)] = imbalance.n_majority
   return counts
-
-
-def class_counts(cfg: DataConfig) -> np.ndarray:
-  """Per-class training example counts of ``cfg`` (for reports), shape (classes,).
-
-  With ``cfg.imbalance`` these are the subset's counts; without, the counts of the
-  training split (which reads its labels).
-  """
-  from jdeq.data import source
-  from jdeq.data.specs import get_spec
-  spec = get_spec(cfg.name)
-  if cfg.imbalance is not None:
-    return per_class_counts(cfg.imbalance, spec.num_classes)
-  if not spec.in_memory:
-    raise ValueError(f"class_counts of the full {spec.name!r} split needs a label "
-                     "pass over a streamed dataset; it is only provided for "
-                     "in-memory datasets")
-  _, labels = source.load_in_memory(spec, source.resolve_data_dir(cfg.data_dir),
-                                    cfg.train_split or spec.train_split)
-  return np.bincount(labels, minlength=spec.num_classes)
 
 
 def subset_indices(imbalance: Imbalance, labels: np.ndarray,
@@ -73,6 +53,7 @@ def subset_indices(imbalance: Imbalance, labels: np.ndarray,
     if len(members) < count:
       raise ValueError(f"Imbalance: class {label} has {len(members)} examples, the "
                        f"subset asks for {count}")
-    kept.append(members[:count] if rng is None
-                else rng.choice(members, size=count, replace=False))
+    if rng is not None:
+      members = rng.permutation(members)
+    kept.append(members[:count])
   return np.sort(np.concatenate(kept))

@@ -17,8 +17,10 @@ from typing import NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants as tfds_constants
 
 from jdeq.data.config import DataConfig
+from jdeq.data.imbalance import per_class_counts
 from jdeq.data.specs import DatasetSpec, get_spec
 
 
@@ -48,8 +50,7 @@ def resolve_data_dir(data_dir: Optional[str]) -> Optional[str]:
 def _searched_dir(data_dir: Optional[str]) -> str:
   if data_dir is not None:
     return data_dir
-  from tensorflow_datasets.core import constants
-  return os.path.expanduser(constants.DATA_DIR)
+  return os.path.expanduser(tfds_constants.DATA_DIR)
 
 
 def not_found_error(spec: DatasetSpec, data_dir: Optional[str]) -> DatasetNotFoundError:
@@ -164,14 +165,31 @@ def _load_in_memory(name: str, data_dir: Optional[str], split: str
   return images, labels
 
 
+def class_counts(cfg: DataConfig) -> np.ndarray:
+  """Per-class training example counts of ``cfg`` (for reports), shape (classes,).
+
+  With ``cfg.imbalance`` these are the subset's counts; without, the counts of the
+  training split (which reads its labels).
+  """
+  spec = get_spec(cfg.name)
+  if cfg.imbalance is not None:
+    return per_class_counts(cfg.imbalance, spec.num_classes)
+  if not spec.in_memory:
+    raise ValueError(f"class_counts of the full {spec.name!r} split needs a label "
+                     "pass over a streamed dataset; it is only provided for "
+                     "in-memory datasets")
+  _, labels = load_in_memory(spec, resolve_data_dir(cfg.data_dir),
+                             cfg.train_split or spec.train_split)
+  return np.bincount(labels, minlength=spec.num_classes)
+
+
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
   """Number of classes, emitted image shape and split sizes of ``cfg``'s data."""
-  from jdeq.data import imbalance as imbalance_lib
   spec = get_spec(cfg.name)
   data_dir = resolve_data_dir(cfg.data_dir)
   train_split = cfg.train_split or spec.train_split
   if cfg.imbalance is not None:
-    num_train = int(sum(imbalance_lib.class_counts(cfg)))
+    num_train = int(sum(class_counts(cfg)))
   else:
     num_train = num_examples(spec, data_dir, train_split)
   num_test = num_examples(spec, data_dir, spec.eval_split)

@@ -38,10 +38,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jdeq
-from jdeq import nn
-from jdeq._src.config import config, require, require_choice, require_positive
-from jdeq._src.gradients import GradientMode
-from jdeq._src.solvers.base import AbstractSolver
+from jdeq import (AbstractSolver, GradientMode, config, nn, require, require_choice,
+                  require_positive)
 from jdeq.models.registry import ModelConfig
 
 #: N(0, 0.01²): the reference's initialisation of every plain conv (and its bias).
@@ -363,9 +361,10 @@ class SegmentationHead(nnx.Module):
     return nn.bilinear_resize(self.classifier(y), *output_size)
 
 
-class MDEQ(nnx.Module):
+class MDEQ(nn.DEQNetwork):
   """A complete MDEQ: ``stem`` → ``deq`` (an :class:`jdeq.nn.DEQ` around
-  :class:`MDEQCell`) → ``head``.
+  :class:`MDEQCell`) → ``head``, called as the model contract says
+  (:class:`jdeq.nn.EquilibriumModel`) on ``(B, H, W, C)`` float images.
 
   Randomness (dropout masks, Hutchinson probes) is drawn from the model's own
   ``nnx.Rngs`` streams ``"dropout"`` and ``"jacobian"`` (falling back to
@@ -373,16 +372,14 @@ class MDEQ(nnx.Module):
   """
 
   def __init__(self, cfg: MDEQConfig, *, rngs: nnx.Rngs):
-    self.config = cfg
-    self.stem = MDEQStem(cfg, rngs=rngs)
-    self.deq = nn.DEQ(MDEQCell(cfg, rngs=rngs), solver=cfg.solver,
-                      eval_solver=cfg.eval_solver, grad=cfg.grad,
-                      unrolled_steps=cfg.unrolled_steps)
-    self.head = (ClassificationHead(cfg, rngs=rngs) if cfg.head == "classification"
-                 else SegmentationHead(cfg, rngs=rngs))
-    self.rngs = rngs
+    stem = MDEQStem(cfg, rngs=rngs)
+    cell = MDEQCell(cfg, rngs=rngs)
+    head = (ClassificationHead(cfg, rngs=rngs) if cfg.head == "classification"
+            else SegmentationHead(cfg, rngs=rngs))
+    super().__init__(cfg, stem, cell, head, rngs=rngs, cell_dropout=cfg.dropout > 0)
 
-  def _check_images(self, images: jax.Array) -> None:
+  def check_input(self, images: jax.Array) -> None:
+    """NHWC images whose height and width every branch can halve down to."""
     cfg = self.config
     if images.ndim != 4 or images.shape[-1] != cfg.in_channels:
       raise ValueError(f"MDEQ expects NHWC images with {cfg.in_channels} channels, "
@@ -393,21 +390,7 @@ class MDEQ(nnx.Module):
                        f"{cfg.downsample_times} stem downsamplings needs image height and "
                        f"width divisible by {factor}, got {images.shape[1:3]}")
 
-  def __call__(self, images: jax.Array, train: bool = True, unrolled: bool = False,
-               budget: Optional[jax.Array] = None,
-               jac_probes: int = 0) -> tuple[jax.Array, nn.DEQAux]:
-    """Logits and :class:`jdeq.nn.DEQAux` for a batch of NHWC images.
-
-    Args:
-      images: ``(B, H, W, C)`` float images.
-      train: dropout and batch statistics on, training solver budget.
-      unrolled: pretraining mode (backprop through ``unrolled_steps`` iterations).
-      budget: optional traced forward budget (``<= solver.max_iter``).
-      jac_probes: Hutchinson probes for the Jacobian penalty (0: none).
-    """
-    self._check_images(images)
-    x = self.stem(images, train=train)
-    z_star, aux = self.deq.call_with_rngs(
-        x, self.rngs, train=train, unrolled=unrolled, budget=budget,
-        jac_probes=jac_probes, uses_dropout=self.config.dropout > 0)
-    return self.head(z_star, train=train, output_size=images.shape[1:3]), aux
+  def readout(self, z_star: Sequence[jax.Array], images: jax.Array, *,
+              train: bool) -> jax.Array:
+    """Logits ``(B, K)`` (classification) or ``(B, H, W, K)`` at the image size."""
+    return self.head(z_star, train=train, output_size=images.shape[1:3])

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Union
 
 from flax import nnx
 
-from jdeq._src.config import config
+from jdeq import config
 
 
 @config

@@ -11,19 +11,23 @@ for this forward pass (normalized weights, dropout masks). It is an argument of
 ``f``, so every solver iteration and the backward pass see the very same arrays, and
 the gradient with respect to ``prepared`` flows back to the raw parameters through
 that single computation.
+
+The module also writes down the model contract every jdeq model honours and the
+training steps rely on (:class:`EquilibriumModel`), and the shell that implements it
+for the stem → equilibrium → head models of :mod:`jdeq.models`
+(:class:`DEQNetwork`).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import jdeq
-from jdeq._src.gradients import GradientMode
-from jdeq._src.solvers.base import AbstractSolver
+from jdeq import AbstractSolver, GradientMode
 
 PyTree = Any
 
@@ -38,6 +42,43 @@ class DEQAux(NamedTuple):
   """
   stats: jdeq.SolverStats
   jac_loss: jax.Array
+
+
+@runtime_checkable
+class EquilibriumModel(Protocol):
+  """The model contract: how the training and evaluation steps call a jdeq model.
+
+  A model is called on a batch of inputs as::
+
+    output, aux = model(x, train=True, unrolled=False, budget=None, jac_probes=0)
+
+  with ``output`` the logits (``(B, K)``, or ``(B, H, W, K)`` for segmentation) and
+  ``aux`` a :class:`DEQAux` of per-sample solver statistics and Jacobian penalty.
+  Randomness (dropout masks, Hutchinson probes) is drawn from the model's own
+  ``nnx.Rngs`` streams, so it is part of the model state and a resumed run draws
+  the same. :class:`DEQNetwork` implements the contract for stem → equilibrium →
+  head models; any NNX module with this call works with :mod:`jdeq.train`.
+  """
+
+  def __call__(self, x: jax.Array, *, train: bool = True, unrolled: bool = False,
+               budget: Optional[jax.Array] = None,
+               jac_probes: int = 0) -> tuple[jax.Array, DEQAux]:
+    """One forward pass.
+
+    Args:
+      x: a batch of inputs (NHWC images for the models of :mod:`jdeq.models`).
+      train: training mode (dropout, batch statistics, the training solver and the
+        gradient mode); else evaluation mode (the evaluation solver).
+      unrolled: backpropagate through a fixed number of plain iterations of the
+        cell instead of solving for the equilibrium ("pretraining").
+      budget: optional traced forward budget ``<= solver.max_iter`` (hard stop).
+      jac_probes: static number of Hutchinson probes; ``> 0`` fills
+        ``aux.jac_loss`` with the estimate of ``‖J_f(z*)‖²_F / d``.
+
+    Returns:
+      ``(output, DEQAux(stats, jac_loss))``.
+    """
+    ...
 
 
 class EquilibriumCell(nnx.Module):
@@ -89,8 +130,7 @@ class DEQ(nnx.Module):
   In evaluation mode (``train=False``) the layer returns the solver's ``z*``
   itself, whatever ``grad`` is: the extra map evaluations of ``Phantom`` (its ``k``
   damped steps) and ``JFB`` (one step) exist to shape training gradients, and at
-  evaluation they would only cost time (about 40% of an evaluation pass of a
-  5-step phantom model with a 4-step solve). An evaluation-mode output that is
+  evaluation they would only cost time. An evaluation-mode output that is
   differentiated after all (input gradients, attacks) gets the implicit gradient:
   ``grad`` itself when it is ``IFT``, else ``jdeq.IFT()``.
   """
@@ -185,3 +225,76 @@ class DEQ(nnx.Module):
     return self(injection, train=train, unrolled=unrolled, budget=budget,
                 jac_probes=jac_probes, dropout_key=dropout_key,
                 jacobian_key=jacobian_key)
+
+
+class DEQNetwork(nnx.Module):
+  """``stem`` → ``deq`` (a :class:`DEQ` around ``cell``) → ``head``: the model contract
+  (:class:`EquilibriumModel`) implemented once for the models of :mod:`jdeq.models`.
+
+  The input ``x`` is mapped to the injection by ``stem(x, train=)``, the cell's
+  equilibrium ``z*`` is solved for (keys drawn from the model's ``nnx.Rngs``, see
+  :meth:`DEQ.call_with_rngs`) and ``head(z*, train=)`` gives the output. Models
+  customize the input check (:meth:`check_input`), what happens to ``z*`` before the
+  head (:meth:`refine`) and the head call (:meth:`readout`).
+
+  Attributes:
+    config: the model configuration; it provides ``solver``, ``eval_solver``,
+      ``grad`` and ``unrolled_steps`` of the :class:`DEQ`.
+    stem, deq, head: the three stages.
+    rngs: the model's RNG streams (``"dropout"``, ``"jacobian"``).
+  """
+
+  def __init__(self, config: Any, stem: nnx.Module, cell: EquilibriumCell,
+               head: nnx.Module, *, rngs: nnx.Rngs,
+               input_shape: Optional[Sequence[int]] = None,
+               cell_dropout: bool = False):
+    """Assembles the model (the stages are built by the caller, in that order).
+
+    Args:
+      config: the model configuration (see above).
+      stem: ``stem(x, *, train) -> injection``.
+      cell: the :class:`EquilibriumCell` of the equilibrium layer.
+      head: ``head(z_star, *, train) -> output``.
+      rngs: the model's RNG streams.
+      input_shape: the per-sample input shape :meth:`check_input` requires (None:
+        no check).
+      cell_dropout: whether the cell draws dropout masks in training.
+    """
+    self.config = config
+    self.stem = stem
+    self.deq = DEQ(cell, solver=config.solver, eval_solver=config.eval_solver,
+                   grad=config.grad, unrolled_steps=config.unrolled_steps)
+    self.head = head
+    self.rngs = rngs
+    self.input_shape = None if input_shape is None else tuple(input_shape)
+    self.cell_dropout = cell_dropout
+
+  def check_input(self, x: jax.Array) -> None:
+    """Raises a ValueError unless ``x`` is a batch of ``input_shape`` inputs."""
+    if self.input_shape is not None and (
+        x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape):
+      raise ValueError(f"{type(self).__name__} ({type(self.config).__name__}) expected "
+                       f"images of shape (B, {', '.join(map(str, self.input_shape))}), "
+                       f"got {tuple(x.shape)}")
+
+  def refine(self, z_star: PyTree, injection: PyTree, *, train: bool) -> PyTree:
+    """What the head sees of the equilibrium (default: ``z*`` itself)."""
+    del injection, train
+    return z_star
+
+  def readout(self, z_star: PyTree, x: jax.Array, *, train: bool) -> jax.Array:
+    """The head's output for the equilibrium of input ``x``."""
+    del x
+    return self.head(z_star, train=train)
+
+  def __call__(self, x: jax.Array, train: bool = True, unrolled: bool = False,
+               budget: Optional[jax.Array] = None,
+               jac_probes: int = 0) -> tuple[jax.Array, DEQAux]:
+    """The model contract (see :class:`EquilibriumModel`)."""
+    self.check_input(x)
+    injection = self.stem(x, train=train)
+    z_star, aux = self.deq.call_with_rngs(
+        injection, self.rngs, train=train, unrolled=unrolled, budget=budget,
+        jac_probes=jac_probes, uses_dropout=self.cell_dropout)
+    z_star = self.refine(z_star, injection, train=train)
+    return self.readout(z_star, x, train=train), aux

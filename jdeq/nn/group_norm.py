@@ -11,8 +11,7 @@ group with the pairwise-variance formula (Chan et al.). The shift keeps the vari
 as accurate as the two-pass form's (centre, then square) when ``|μ| ≫ σ``, where the
 unshifted ``E[x²] − μ²`` loses every digit (float32, ``μ = 10³ σ``: error 0.2 against
 1e-4). Against the two-pass form this saves two of the five passes over ``x`` that a
-normalization costs forward (MDEQ-Tiny's widest GroupNorm, 64×32×32×120: 25 → 15 ms
-on a 2-core CPU). Reducing the spatial axes first also suits XLA's CPU reductions
+normalization costs forward (timings in ``docs/benchmarks.md``). Reducing the spatial axes first also suits XLA's CPU reductions
 better than a reduction over the grouped axes ``(H, W, C/G)`` (``flax.nnx.GroupNorm``'s
 form).
 

@@ -1,27 +1,27 @@
-"""2-D convolution with fast gradients on XLA's CPU backend.
+"""2-D convolution whose derivatives run fast on XLA's CPU backend.
 
-Two of the convolutions that reverse mode derives from a forward convolution are
-slow on XLA:CPU, depending on which library runs its convolutions:
+:func:`conv2d` is ``lax.conv_general_dilated`` on NHWC inputs and HWIO kernels with
+a custom JVP that writes each derivative in a form XLA:CPU runs well inside loops
+(solver and scan bodies); the values are exactly lax's. Reverse mode derives two
+convolutions from a forward one:
 
-* the input adjoint, as JAX's transpose rule writes it (a convolution with swapped
-  kernel dimensions), runs ~40x slower inside loops (solver and scan bodies), where
-  XLA does not re-layout the kernel. :func:`conv2d` writes it as a forward
-  convolution with the flipped HWIO kernel, on every backend. For a strided
-  convolution that adjoint would convolve the zero-dilated cotangent, which XLA:CPU
-  runs ~5x slower than the forward convolution (3×3, stride 2, 24 channels, 64×32×32
-  inputs); there it is written as one unit-stride convolution per stride phase
-  (:func:`_strided_input_adjoint`), as fast as the forward one.
-* the weight gradient ("backprop-filter" convolution). With YNNPACK's
-  convolutions (XLA:CPU's default) it runs at ~2 GFLOP/s against 35 GFLOP/s
-  forward (3×3, 24→120 channels, 64×32×32 inputs, 2-core x86); there the weight
-  tangent is the im2col product ``patches(x) · vec(ẇ)``, which JAX transposes into
-  one matrix product (~17 GFLOP/s). With XLA's own (Eigen) convolutions
-  (:data:`CPU_CONVOLUTION_FLAG`, which every jdeq entry point sets) the native form is fast at the top level of a program
-  but 25–70x slower than im2col inside loops; there the gradient is written as a forward
-  convolution of the transposed input by the cotangent (:func:`_weight_adjoint`),
-  fast in both places (benchmark W2 steps: IFT 9%, phantom 14%, unrolled 29%
-  faster than im2col; MDEQ-Tiny's unrolled step 12% faster, its IFT step
-  unchanged). On accelerators the native form is used.
+* the input adjoint, which JAX's transpose rule writes as a convolution with swapped
+  kernel dimensions (XLA:CPU does not re-layout the kernel inside loops). Here it is
+  a forward convolution with the spatially flipped HWIO kernel, on every backend. For
+  a strided convolution that would convolve the zero-dilated cotangent, ``s_h·s_w``
+  times more zeros than values; on XLA:CPU it is written as one unit-stride
+  convolution per stride phase instead (:func:`_strided_input_adjoint`), while
+  accelerators keep the dilated form, which cuDNN runs as its own backward-data
+  convolution.
+* the weight gradient. Its form on XLA:CPU is a setting
+  (:func:`set_cpu_weight_gradient`), because the fastest one depends on which library
+  runs the process's convolutions: ``"im2col"``, the tangent
+  ``patches(x) · vec(ẇ)`` that JAX transposes into one matrix product (for YNNPACK's
+  convolutions, XLA:CPU's default); ``"forward_conv"``, a forward convolution of the
+  transposed input by the cotangent (:func:`_weight_adjoint`; for XLA's own
+  convolutions, which :func:`jdeq.ops.tune_cpu_runtime` selects and pairs with this
+  form); or ``"native"``, lax's backprop-filter convolution, which accelerators
+  always use.
 
 The im2col weight tangent is checkpointed: reverse mode keeps ``x`` from the forward
 pass and builds its ``kh·kw`` times larger patches only in the backward pass
@@ -30,13 +30,12 @@ would otherwise write and keep its patches). Being a custom_jvp rather than a
 custom_vjp, :func:`conv2d` keeps forward mode (``jax.jvp``, ``jax.linearize``),
 which implicit differentiation of an equilibrium relies on. Weight tangents that are
 symbolically zero (linearizing in the state only, as every solver iteration does)
-cost nothing.
+cost nothing. Measured speeds of every form are in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Sequence, Union
 
 import jax
@@ -44,14 +43,34 @@ import jax.numpy as jnp
 
 Padding = Union[str, Sequence[tuple[int, int]]]
 
-#: The XLA_FLAGS option that makes XLA:CPU run convolutions with its own (Eigen)
-#: kernels instead of YNNPACK's. Eigen's are as fast on one core and, unlike
-#: YNNPACK's, keep every core busy: on a 2-core CPU, MDEQ-Tiny training steps run
-#: 25–35% faster and evaluation passes 35% faster with them (``experiments/bench``
-#: measures W2/W3 both ways). Only the CPU backend reads it, when it starts.
-_YNN_WITHOUT_CONVOLUTIONS = "-individual_convolution"
-CPU_CONVOLUTION_FLAG = f"--xla_cpu_experimental_ynn_fusion_type={_YNN_WITHOUT_CONVOLUTIONS}"
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+#: The weight-gradient forms :func:`set_cpu_weight_gradient` accepts.
+CPU_WEIGHT_GRADIENTS = ("im2col", "forward_conv", "native")
+_cpu_weight_gradient = "im2col"  # matches XLA:CPU's default (YNNPACK) convolutions
+
+
+def set_cpu_weight_gradient(form: str) -> None:
+  """Chooses the form of :func:`conv2d`'s weight gradient on XLA:CPU.
+
+  A process-wide setting read when a convolution is traced (set it before jitting);
+  it changes speed only, never results. Accelerators always use ``"native"``.
+
+  Args:
+    form: ``"im2col"`` (the default; for YNNPACK's convolutions),
+      ``"forward_conv"`` (for XLA's own convolutions, see
+      :func:`jdeq.ops.tune_cpu_runtime`) or ``"native"`` (lax's own form).
+  """
+  global _cpu_weight_gradient
+  if form not in CPU_WEIGHT_GRADIENTS:
+    raise ValueError(f"set_cpu_weight_gradient: form must be one of "
+                     f"{list(CPU_WEIGHT_GRADIENTS)}, got {form!r}")
+  _cpu_weight_gradient = form
+
+
+def cpu_weight_gradient() -> str:
+  """The weight-gradient form :func:`conv2d` uses on XLA:CPU."""
+  return _cpu_weight_gradient
 
 
 def _explicit_padding(size: int, kernel: int, stride: int, padding) -> tuple[int, int]:
@@ -144,7 +163,7 @@ def _lax_conv(x, w, strides, pads):
                                       dimension_numbers=_DIMENSIONS)
 
 
-@jax.custom_jvp
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _conv(strides, pads, x, w):
   return _lax_conv(x, w, strides, pads)
 
@@ -218,31 +237,23 @@ def _conv_jvp(strides, pads, primals, tangents):
   if not isinstance(x_dot, jax.custom_derivatives.SymbolicZero):
     # Written as the transpose of the explicit adjoint convolution, so that JAX's
     # reverse mode transposes it back into that adjoint: a forward convolution with
-    # the flipped HWIO kernel. JAX's own transpose rule yields a convolution with
-    # swapped kernel dimensions, which XLA's CPU backend runs ~40x slower inside
-    # loops (solver and scan bodies), where it does not re-layout the kernel.
+    # the flipped HWIO kernel (not JAX's swapped-kernel-dimensions form).
     adjoint = functools.partial(_input_adjoint, w=w, input_shape=x.shape,
                                 strides=strides, pads=pads)
     (tangent,) = jax.linear_transpose(adjoint, jax.ShapeDtypeStruct(
         out.shape, out.dtype))(x_dot)
   if not isinstance(w_dot, jax.custom_derivatives.SymbolicZero):
-    from_weights = _WEIGHT_TANGENTS[_weight_gradient_kind()](x, w_dot, strides, pads)
+    from_weights = _WEIGHT_TANGENTS[_weight_gradient_form()](x, w_dot, strides, pads)
     tangent = from_weights if tangent is None else tangent + from_weights
   if tangent is None:
     tangent = jnp.zeros_like(out)
   return out, tangent
 
 
-def _weight_gradient_kind() -> str:
-  """Which weight-gradient form is fastest here (see the module docstring).
-
-  Read at trace time; the choice changes speed only, never the result.
-  """
-  if jax.default_backend() != "cpu":
-    return "native"
-  if _YNN_WITHOUT_CONVOLUTIONS in os.environ.get("XLA_FLAGS", ""):
-    return "forward_conv"  # XLA's own (Eigen) convolutions
-  return "im2col"  # YNNPACK's convolutions, XLA:CPU's default
+def _weight_gradient_form() -> str:
+  """The weight-gradient form for the backend being traced for (see the module
+  docstring): the :func:`set_cpu_weight_gradient` setting on XLA:CPU, else native."""
+  return _cpu_weight_gradient if jax.default_backend() == "cpu" else "native"
 
 
 _WEIGHT_TANGENTS = {
@@ -251,8 +262,6 @@ _WEIGHT_TANGENTS = {
     "im2col": _weight_tangent,
 }
 
-
-_conv = jax.custom_jvp(_conv.fun, nondiff_argnums=(0, 1))
 _conv.defjvp(_conv_jvp, symbolic_zeros=True)
 
 

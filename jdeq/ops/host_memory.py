@@ -4,13 +4,11 @@ Each call of a compiled XLA:CPU program allocates its temporary buffer (a jdeq
 training step's solver histories, activations and cotangents; tens to hundreds of
 MiB) and frees it when the call returns. glibc's malloc serves blocks that large
 with a fresh ``mmap`` and gives them back with ``munmap``, so every call
-page-faults its whole working memory in again, one zeroed 4 KiB page at a time:
-8 800 faults measured per training step of the benchmark's W2 with Anderson
-(34 MiB); some 120 000 for MDEQ-Tiny's (490 MiB). glibc cannot keep blocks
-above 32 MiB on its heap by raising the ``mmap`` threshold (that is its ceiling),
-so :func:`retain_freed_host_memory` switches ``mmap`` off for malloc, stops the heap
-from being trimmed and keeps one arena, so a freed buffer is reused by the next
-call (W2 step with Anderson: ~570 faults, overhead ratio 1.6 → 1.4).
+page-faults its whole working memory in again, one zeroed 4 KiB page at a time.
+glibc cannot keep blocks above 32 MiB on its heap by raising the ``mmap`` threshold
+(that is its ceiling), so :func:`retain_freed_host_memory` switches ``mmap`` off for
+malloc, stops the heap from being trimmed and keeps one arena, so a freed buffer is
+reused by the next call (measured fault counts in ``docs/benchmarks.md``).
 
 The setting changes where memory comes from, not what any program computes. Its
 cost is that memory freed by the process stays mapped (at most the peak working

@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from jdeq.train import metrics as metrics_lib
-from jdeq.train.state import TrainState
+from jdeq.train.checkpoint import Checkpointer
+from jdeq.train.state import TrainState, create_train_state
 from jdeq.train.steps import evaluate_model
 
 
@@ -93,8 +94,6 @@ def restore_state(model: nnx.Module, directory: str,
   solver that records traces) but not in its arrays; ``optimizer`` must be the
   run's (its state is part of the checkpoint). Returns None without a checkpoint.
   """
-  from jdeq.train.checkpoint import Checkpointer
-  from jdeq.train.state import create_train_state
   checkpointer = Checkpointer(directory)
   try:
     if checkpointer.latest_step() is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from jdeq._src.config import config, require, require_choice, require_positive
+from jdeq import config, require, require_choice, require_positive
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -39,7 +39,8 @@ class TrainConfig:
     total_steps: training length in optimizer steps.
     pretrain_steps: the first steps train in the unrolled ("pretraining") mode,
       ordinary backprop through the cell, before switching to equilibrium mode.
-    jac_gamma: Jacobian regularization weight γ₀ (papers.md §4); 0 disables it.
+    jac_gamma: Jacobian regularization weight γ₀ (Bai, Koltun & Kolter,
+      ICML 2021); 0 disables it.
     jac_prob: probability p that a step is regularized (τ ~ Bernoulli(p)).
     jac_gamma_increment: γ grows by this amount every ``jac_increment_every`` steps.
     jac_increment_every: K, the increment period in steps (0: γ stays constant).

@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jdeq.nn import num_params
 from jdeq.train import metrics as metrics_lib
 from jdeq.train import reporting
 from jdeq.train import sharding as sharding_lib
@@ -19,7 +20,7 @@ from jdeq.train.checkpoint import Checkpointer
 from jdeq.train.config import TrainConfig
 from jdeq.train.optim import make_optimizer, make_schedule
 from jdeq.train.regularization import JacobianSchedule
-from jdeq.train.state import TrainState, create_train_state, num_params
+from jdeq.train.state import TrainState, create_train_state
 from jdeq.train.steps import EvalStep, make_eval_step, make_train_step
 
 # What the steps read from a batch; anything else a pipeline adds stays on the host.
@@ -57,6 +58,11 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
         progress: bool = True) -> dict[str, Any]:
   """Trains ``model`` and writes checkpoints, metrics, a report and plots to ``workdir``.
 
+  The metrics go to ``workdir/metrics.jsonl`` (one JSON record per log interval
+  and evaluation) and, as the same scalars, to TensorBoard event files in
+  ``workdir`` (tags ``train/<metric>`` and ``eval/<metric>``; see
+  :class:`~jdeq.train.reporting.MetricsLog`).
+
   If ``workdir/checkpoints`` holds a checkpoint, training resumes from it: the
   restored state carries the parameters, optimizer state, step, training key and the
   model's RNG streams, and ``train_batches(step)`` restarts the data at that step,
@@ -78,13 +84,19 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
 
   Returns:
     The report (also written to ``workdir/report.json``).
+
+  Raises:
+    ValueError: ``workdir`` cannot be created or written (checked first).
+    CheckpointError: the checkpoint in ``workdir`` is unreadable or was written by
+      a different model (the message lists the mismatched arrays).
   """
   wall_start = time.monotonic()
+  reporting.check_writable(workdir)  # before anything is built or compiled
   mesh = sharding_lib.data_mesh() if mesh is None else mesh
-  os.makedirs(workdir, exist_ok=True)
+  # The run's length and schedules, resolved once and passed to every step.
   total_steps = config.num_steps(steps_per_epoch)
-  optimizer = make_optimizer(config, steps_per_epoch)
-  schedule = make_schedule(config, steps_per_epoch)
+  schedule = make_schedule(config, steps_per_epoch, total_steps)
+  optimizer = make_optimizer(config, schedule)
   jacobian = JacobianSchedule.from_config(config, steps_per_epoch)
   meta = reporting.to_json(dict(meta or {}, train=config))
 
@@ -96,15 +108,17 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
     state, _ = checkpointer.restore(state)
   start_step = int(jax.device_get(state.step))
   log = reporting.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                             resume_step=start_step)
+                             resume_step=start_step, tensorboard_dir=workdir)
   log.write({"kind": "start", "step": start_step, "total_steps": total_steps,
-             "devices": mesh.size, "num_params": num_params(state)})
+             "devices": mesh.size, "num_params": num_params(state.params)})
 
   pretrain_step = make_train_step(optimizer, jacobian, unrolled=True, mesh=mesh)
   equilibrium_step = make_train_step(optimizer, jacobian, unrolled=False,
-                                     regularized=False, mesh=mesh)
+                                     regularized=False,
+                                     forward_budget=config.forward_budget, mesh=mesh)
   regularized_step = make_train_step(optimizer, jacobian, unrolled=False,
-                                     regularized=True, mesh=mesh)
+                                     regularized=True,
+                                     forward_budget=config.forward_budget, mesh=mesh)
   regularized_at = jacobian.regularized_steps(state.rng, total_steps)
   eval_step = make_eval_step(mesh=mesh)
 
@@ -171,6 +185,7 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
   checkpointer.save(state, meta)
   final = run_eval(step)
   checkpointer.close()
+  log.close()
 
   report = {
       "final_test": final,
@@ -185,7 +200,7 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
       "train_images_per_s": train_images / train_seconds if train_seconds else None,
       "last_train": last_train,
       "wall_time_s": time.monotonic() - wall_start,
-      "num_params": num_params(state),
+      "num_params": num_params(state.params),
       "devices": [str(device) for device in mesh.devices.flat],
       "config": meta,
   }

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jdeq._src.stats import SolverStats
+from jdeq import SolverStats
 
 
 def classification_sums(logits: jax.Array, labels: jax.Array,
@@ -58,8 +58,9 @@ class StepMetrics(NamedTuple):
   residual: jax.Array      # mean relative residual at z*
   residual_max: jax.Array  # largest relative residual in the batch
   converged: jax.Array     # fraction of samples that reached the tolerance
-  nonfinite: jax.Array     # 1 if the update was skipped for a non-finite gradient
-  count: jax.Array         # 1 per step, so sums turn into means
+  nonfinite: jax.Array     # 1 if the step was skipped (non-finite input, loss or
+                           # gradient); such a step has every other field 0
+  count: jax.Array         # 1 per applied step, so sums turn into means
 
 
 def solver_summary(stats: SolverStats, sample_mask: Optional[jax.Array] = None):
@@ -100,7 +101,11 @@ def accumulate(total, new):
 
 
 def summarize_train(total: StepMetrics) -> dict[str, float]:
-  """Means over the steps of a log interval, as Python floats (one host sync)."""
+  """Means over the applied steps of a log interval, as Python floats (one host sync).
+
+  Skipped (non-finite) steps are excluded from the means and counted in
+  ``nonfinite_steps``.
+  """
   host = jax.device_get(total)
   steps = max(float(host.count), 1.0)
   regularized = float(host.regularized)

@@ -1,4 +1,5 @@
-"""The Jacobian-regularization schedule (Bai, Koltun & Kolter 2021; papers.md §4).
+"""The Jacobian-regularization schedule (Bai, Koltun & Kolter, "Stabilizing Equilibrium
+Models by Jacobian Regularization", ICML 2021).
 
 The training loss on a step ``t`` is
 
@@ -39,8 +40,7 @@ class JacobianSchedule:
     increment_every: K in steps (0: no increments).
     stop_step: first step with γ = 0 (None: never).
     probes: Hutchinson probes M.
-    forward_budget: the training forward budget (None: the model's own).
-    budget_jitter: the jitter half-width.
+    budget_jitter: the half-width of the forward-budget jitter on regularized steps.
   """
   gamma: float = 0.0
   prob: float = 1.0
@@ -48,7 +48,6 @@ class JacobianSchedule:
   increment_every: int = 0
   stop_step: Optional[int] = None
   probes: int = 1
-  forward_budget: Optional[int] = None
   budget_jitter: int = 0
 
   @classmethod
@@ -59,8 +58,7 @@ class JacobianSchedule:
     return cls(gamma=config.jac_gamma, prob=config.jac_prob,
                increment=config.jac_gamma_increment,
                increment_every=config.jac_increment_every, stop_step=stop,
-               probes=config.jac_probes, forward_budget=config.forward_budget,
-               budget_jitter=config.jac_budget_jitter)
+               probes=config.jac_probes, budget_jitter=config.jac_budget_jitter)
 
   @property
   def enabled(self) -> bool:
@@ -81,13 +79,14 @@ class JacobianSchedule:
 
   def draw(self, key: jax.Array, step: jax.Array,
            regularize: Optional[bool] = None
-           ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
-    """Returns ``(regularize, gamma, budget)`` for one step.
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns ``(regularize, gamma, jitter)`` for one step.
 
     ``regularize`` is ``τ ∧ γ(t) > 0`` (or the given decision, when the caller has
-    drawn it beforehand with :meth:`regularized_steps`); ``budget`` is the int32
-    forward budget of the step (jittered when regularized) or None when the
-    model's own is used.
+    drawn it beforehand with :meth:`regularized_steps`); ``jitter`` is the int32
+    offset of the step's forward budget: ``u`` uniform in
+    ``[-budget_jitter, budget_jitter]`` on a regularized step, else 0 (see
+    :meth:`budget`).
     """
     draw_key, jitter_key = jax.random.split(key)
     gamma = self.gamma_at(step)
@@ -95,14 +94,21 @@ class JacobianSchedule:
       regularize = jax.random.bernoulli(draw_key, self.prob) & (gamma > 0)
     else:
       regularize = jnp.asarray(regularize)
-    if self.forward_budget is None:
-      return regularize, gamma, None
-    budget = jnp.asarray(self.forward_budget, jnp.int32)
+    jitter = jnp.zeros((), jnp.int32)
     if self.budget_jitter > 0:
-      jitter = jax.random.randint(jitter_key, (), -self.budget_jitter,
+      offset = jax.random.randint(jitter_key, (), -self.budget_jitter,
                                   self.budget_jitter + 1)
-      budget = jnp.where(regularize, jnp.maximum(budget + jitter, 1), budget)
-    return regularize, gamma, budget
+      jitter = jnp.where(regularize, offset, 0)
+    return regularize, gamma, jitter
+
+  @staticmethod
+  def budget(forward_budget: Optional[int],
+             jitter: jax.Array) -> Optional[jax.Array]:
+    """The int32 forward budget ``max(forward_budget + jitter, 1)`` (None: the
+    model's own budget, which is never jittered)."""
+    if forward_budget is None:
+      return None
+    return jnp.maximum(jnp.asarray(forward_budget, jnp.int32) + jitter, 1)
 
   def regularized_steps(self, rng: jax.Array, num_steps: int) -> np.ndarray:
     """The decisions ``τ_t ∧ γ(t) > 0`` for steps ``0 … num_steps − 1``, on the host.

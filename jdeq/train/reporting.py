@@ -1,13 +1,18 @@
-"""What a run leaves behind: a JSON-lines metrics log, a JSON report and PNG plots."""
+"""What a run leaves behind: a JSON-lines metrics log with its TensorBoard twin, a
+JSON report and PNG plots."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
-from typing import Any, Iterable, Mapping
+import tempfile
+import time
+from typing import Any, Iterable, Mapping, Optional
 
 import matplotlib
+import tensorboardX
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,24 +33,85 @@ def to_json(value: Any) -> Any:
   return str(value)
 
 
-class MetricsLog:
-  """Appends one JSON object per line; on resume drops records past the restart.
+def check_writable(workdir: str) -> None:
+  """Creates ``workdir`` if needed and checks that a file can be written in it.
 
-  Records written after the last checkpoint of a killed run would otherwise appear
-  twice once the resumed run reaches those steps again.
+  Called before a run builds anything, so an output directory on a read-only
+  path fails at once rather than at the first checkpoint.
+
+  Raises:
+    ValueError: naming the directory and the operating system's reason.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-check-"):
+      pass
+  except OSError as error:
+    reason = error.strerror or str(error)
+    raise ValueError(
+        f"workdir {workdir} is not writable ({type(error).__name__}: {reason}); a "
+        f"run writes its checkpoints, metrics and report there") from error
+
+
+# The record kinds mirrored as TensorBoard scalars ("start" holds run facts only).
+TENSORBOARD_KINDS = ("train", "eval")
+
+
+class MetricsLog:
+  """Appends one JSON object per line, and its numbers as TensorBoard scalars.
+
+  Each ``"train"`` or ``"eval"`` record's numeric fields are also written, with
+  tags ``"<kind>/<field>"`` (``train/loss``, ``eval/accuracy``, ...) at the
+  record's ``step``, to a TensorBoard event file in ``tensorboard_dir`` (by
+  tensorboardX, which needs neither TensorFlow nor TensorBoard). Strings and
+  booleans stay in the JSON lines only.
+
+  On resume, records past the restart are dropped (from the JSON lines) or purged
+  (TensorBoard hides the events at steps ``> resume_step`` of earlier files):
+  records written after the last checkpoint of a killed run would otherwise
+  appear twice once the resumed run reaches those steps again.
+
+  Args:
+    path: the JSON-lines file.
+    resume_step: the step the run restarts from (0 for a fresh run).
+    tensorboard_dir: where the event files go; None: no TensorBoard output.
   """
 
-  def __init__(self, path: str, *, resume_step: int = 0):
+  def __init__(self, path: str, *, resume_step: int = 0,
+               tensorboard_dir: Optional[str] = None):
     self.path = path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     kept = [r for r in read_records(path) if r.get("step", 0) <= resume_step]
     with open(path, "w") as handle:
       for record in kept:
         handle.write(json.dumps(record) + "\n")
+    self._tensorboard = None
+    if tensorboard_dir is not None:
+      # The file name holds the time in whole seconds only: two writers started
+      # within a second (a quick restart) would share it, and the second would
+      # truncate the first's file. The nanosecond suffix keeps them apart and in
+      # order (TensorBoard reads a directory's files in name order).
+      self._tensorboard = tensorboardX.SummaryWriter(
+          tensorboard_dir, purge_step=resume_step + 1 if resume_step else None,
+          filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
   def write(self, record: Mapping[str, Any]) -> None:
     with open(self.path, "a") as handle:
       handle.write(json.dumps(to_json(record)) + "\n")
+    kind, step = record.get("kind"), record.get("step")
+    if self._tensorboard is None or kind not in TENSORBOARD_KINDS or step is None:
+      return
+    for name, value in record.items():
+      if (name not in ("kind", "step") and isinstance(value, numbers.Real)
+          and not isinstance(value, bool)):
+        self._tensorboard.add_scalar(f"{kind}/{name}", float(value), int(step))
+    self._tensorboard.flush()  # a killed run keeps every record it logged
+
+  def close(self) -> None:
+    """Closes the TensorBoard writer (the JSON lines need no closing)."""
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._tensorboard = None
 
 
 def read_records(path: str) -> list[dict]:

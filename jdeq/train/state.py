@@ -51,7 +51,3 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
                     step=jax.numpy.zeros((), jax.numpy.int32),
                     rng=jax.random.key(seed))
 
-
-def num_params(state: TrainState) -> int:
-  """Number of scalar parameters."""
-  return sum(leaf.size for leaf in jax.tree.leaves(state.params))

@@ -11,8 +11,8 @@ without the Hutchinson term, and the loop picks one per step from the decisions
 ``τ_t ~ Bernoulli(p)`` drawn for the whole run beforehand
 (``JacobianSchedule.regularized_steps``). A single step that draws ``τ`` itself
 and branches with ``lax.cond`` is available too (``regularized=None``), but XLA:CPU
-ran the regularized branch of that conditional about 10x slower than the same
-computation compiled on its own (MDEQ-Tiny, batch 64: 125 s against 10 s).
+runs the regularized branch of that conditional much slower than the same
+computation compiled on its own (figures in ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -36,13 +36,29 @@ EvalStep = Callable[[TrainState, Batch], metrics_lib.EvalSums]
 
 
 def _all_finite(tree: Any) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
-                            for leaf in jax.tree.leaves(tree)]))
+  """True when every inexact entry of ``tree`` is finite (integer leaves pass)."""
+  checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
+
+
+def _keep_if(applied: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``applied``, else ``old``, leaf by leaf (a select, no branch).
+
+  Only floating leaves are selected: integer counters and PRNG keys (the model's
+  RNG streams) always advance, so a skipped step does not replay its random draws.
+  """
+  def select(a, b):
+    if jnp.issubdtype(jnp.result_type(a), jnp.floating):
+      return jnp.where(applied, a, b)
+    return a
+  return jax.tree.map(select, new, old)
 
 
 def make_train_step(optimizer: optax.GradientTransformation,
                     jacobian: JacobianSchedule, *, unrolled: bool,
                     regularized: Optional[bool] = None,
+                    forward_budget: Optional[int] = None,
                     mesh: Optional[Mesh] = None, donate: bool = True) -> TrainStep:
   """Builds ``train_step(state, batch) -> (state, StepMetrics)``, jitted.
 
@@ -54,22 +70,29 @@ def make_train_step(optimizer: optax.GradientTransformation,
     regularized: True: every step carries the Jacobian term (for the steps the
       schedule selected); False: none does; None: the step draws ``τ`` itself and
       branches with ``lax.cond``. Ignored unless the schedule is enabled.
+    forward_budget: the hard-stopped forward budget of the equilibrium steps
+      (jittered on regularized steps by the schedule); None: the model's own.
     mesh: data mesh; the batch is sharded over it and the state replicated.
       None: a mesh over all local devices.
     donate: reuse the input state's buffers for the output (the caller must not
       touch the old state afterwards).
 
-  A step whose gradient is not finite leaves the parameters and optimizer state
-  unchanged and sets ``nonfinite``; a solve that does not converge is never an
-  error, it shows up in the residual and ``converged`` metrics.
+  Bad data is handled as data, inside the compiled step: a step whose input
+  images, loss or gradient hold a NaN or an infinity is *skipped* — the
+  parameters, the optimizer state and the floating model variables (batch
+  statistics) keep their old values through a select (``jnp.where``), the step
+  counter and the RNG streams advance — and it reports ``nonfinite = 1`` and
+  ``count = 0``, so the interval means cover the applied steps only. (The solve
+  itself flags such samples ``diverged`` in its statistics.) A solve that does not
+  converge is never an error, it shows up in the residual and ``converged``
+  metrics.
   """
   regularizable = jacobian.enabled and not unrolled and regularized is not False
 
   def step_fn(state: TrainState, batch: Batch):
     key = jax.random.fold_in(state.rng, state.step)
-    regularize, gamma, jittered_budget = jacobian.draw(key, state.step, regularized)
-    base_budget = (None if unrolled or jacobian.forward_budget is None
-                   else jnp.asarray(jacobian.forward_budget, jnp.int32))
+    regularize, gamma, jitter = jacobian.draw(key, state.step, regularized)
+    budget = None if unrolled else JacobianSchedule.budget(forward_budget, jitter)
 
     def forward(params, jac_probes, budget, penalty_weight):
       # copy=True: fresh Variables owned by this trace (the RNG counts mutate).
@@ -87,10 +110,10 @@ def make_train_step(optimizer: optax.GradientTransformation,
                      new_model_state)
 
     def plain(params):
-      return forward(params, 0, base_budget, 0.0)
+      return forward(params, 0, budget, 0.0)
 
     def regularized_loss(params):
-      return forward(params, jacobian.probes, jittered_budget, gamma)
+      return forward(params, jacobian.probes, budget, gamma)
 
     def loss_fn(params):
       if not regularizable:
@@ -103,13 +126,13 @@ def make_train_step(optimizer: optax.GradientTransformation,
         loss_fn, has_aux=True)(state.params)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    finite = _all_finite(grads)
-    keep = lambda new, old: jax.tree.map(
-        lambda a, b: jnp.where(finite, a, b), new, old)
+    finite = (_all_finite(batch["image"]) & jnp.isfinite(task_loss)
+              & _all_finite(grads))
     new_state = state.replace(
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
-        model_state=new_model_state, step=state.step + 1)
+        params=_keep_if(finite, new_params, state.params),
+        opt_state=_keep_if(finite, new_opt_state, state.opt_state),
+        model_state=_keep_if(finite, new_model_state, state.model_state),
+        step=state.step + 1)
 
     nfe, residual, residual_max, converged, samples = metrics_lib.solver_summary(stats)
     step_regularized = (regularize if regularizable
@@ -121,8 +144,11 @@ def make_train_step(optimizer: optax.GradientTransformation,
                else jnp.zeros((), jnp.float32)),
         fwd_nfe=nfe / samples, residual=residual / samples,
         residual_max=residual_max, converged=converged / samples,
-        nonfinite=1.0 - finite.astype(jnp.float32),
-        count=jnp.ones((), jnp.float32))
+        nonfinite=jnp.zeros((), jnp.float32), count=jnp.ones((), jnp.float32))
+    # A skipped step adds nothing to the means but its nonfinite count.
+    metrics = jax.tree.map(lambda value: jnp.where(finite, value, 0.0), metrics)
+    metrics = metrics._replace(nonfinite=1.0 - finite.astype(jnp.float32),
+                               count=finite.astype(jnp.float32))
     return new_state, metrics
 
   mesh = sharding_lib.data_mesh() if mesh is None else mesh

@@ -7,7 +7,7 @@ they can be exercised in seconds without the real models or datasets.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,20 +15,16 @@ import numpy as np
 from flax import nnx
 
 import jdeq
-
-
-class TinyAux(NamedTuple):
-  """Same fields as ``jdeq.nn.DEQAux``."""
-  stats: jdeq.SolverStats
-  jac_loss: jax.Array
+from jdeq.nn import DEQAux
 
 
 class TinyDEQClassifier(nnx.Module):
   """``z* = tanh(W z + U x + b)`` on flattened images, then a linear classifier.
 
-  Implements the model call contract: ``model(images, train, unrolled, budget,
-  jac_probes) -> (logits, aux)``, with dropout on the injection in training and the
-  Hutchinson penalty drawn from the model's own ``"jacobian"`` RNG stream.
+  Implements the model contract (:class:`jdeq.nn.EquilibriumModel`) directly on
+  :func:`jdeq.fixed_point`, without the library's layers: dropout on the injection
+  in training and the Hutchinson penalty drawn from the model's own ``"jacobian"``
+  RNG stream.
   """
 
   def __init__(self, image_shape: tuple[int, ...], num_classes: int, *,
@@ -45,7 +41,8 @@ class TinyDEQClassifier(nnx.Module):
     self.eval_solver = jdeq.Anderson(max_iter=max_iter + 2, tol=1e-4)
 
   def __call__(self, images: jax.Array, train: bool = True, unrolled: bool = False,
-               budget: Optional[jax.Array] = None, jac_probes: int = 0):
+               budget: Optional[jax.Array] = None,
+               jac_probes: int = 0) -> tuple[jax.Array, DEQAux]:
     injection = self.embed(images.reshape(images.shape[0], -1))
     injection = self.dropout(injection, deterministic=not train)
     kernel = self.cell.kernel[...]
@@ -64,7 +61,7 @@ class TinyDEQClassifier(nnx.Module):
                                       num_probes=jac_probes)
     else:
       jac_loss = jnp.zeros(z_star.shape[:1], jnp.float32)
-    return self.head(z_star), TinyAux(stats, jac_loss)
+    return self.head(z_star), DEQAux(stats, jac_loss)
 
 
 def synthetic_dataset(num: int, image_shape=(4, 4, 1), num_classes: int = 3,

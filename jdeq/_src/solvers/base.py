@@ -9,8 +9,12 @@ must be the same for all of them and is decided per sample:
 * a sample whose residual reaches ``tol`` stops changing (its proposals are masked)
   while the others go on; the loop ends when every sample has stopped or the
   evaluation budget is spent;
-* a sample whose map value is non-finite, or whose residual exceeds
-  ``divergence_ratio`` times its best residual, is flagged ``diverged`` and stopped;
+* a sample is flagged ``diverged`` and stopped when, with ``r = divergence_ratio``,
+  any of these holds at an iterate ``z_k`` (see :func:`iterate` for the rule):
+  its map value is non-finite; its stop-mode residual exceeds ``r`` times its best
+  one; or, whatever the stop mode, ``‖z_k‖`` or ``‖f(z_k) − z_k‖`` exceeds ``r``
+  times the sample's initial scale. The last test catches iterates that blow up
+  while the relative residual stays bounded (a linear map of spectral radius ≫ 1);
 * each sample returns the iterate with its lowest residual, not the last one.
 
 The loop is a ``lax.while_loop``: no host synchronisation per step, static shapes.
@@ -23,6 +27,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdeq._src import batched_tree
 from jdeq._src.config import require, require_choice, require_positive
@@ -41,8 +46,10 @@ class AbstractSolver:
     tol: a sample has converged when its stop-mode residual is ``<= tol``.
     stop_mode: ``"abs"`` for ``‖f(z) − z‖`` or ``"rel"`` for ``‖f(z) − z‖ / ‖f(z)‖``.
     record_trace: keep the per-evaluation residuals in ``SolverStats.trace``.
-    divergence_ratio: a residual above this multiple of the sample's best one
-      flags the sample as diverged (the reference solvers' protective break).
+    divergence_ratio: ``r`` of the divergence rule (see :func:`iterate`): a
+      stop-mode residual above ``r`` times the sample's best one (the reference
+      solvers' protective break), or an iterate or absolute residual above ``r``
+      times the sample's initial scale, flags the sample as diverged.
   """
   max_iter: int = 50
   tol: float = 1e-3
@@ -83,20 +90,73 @@ def _measure(z: jax.Array, fz: jax.Array, stop_mode: str):
   return g, abs_res, rel_res, crit
 
 
+def _initial_scale(z0: jax.Array, fz0: jax.Array) -> jax.Array:
+  """``s = max(‖z₀‖, ‖f(z₀)‖, √D)`` per sample: the yardstick of the growth test.
+
+  The ``√D`` floor (unit RMS per entry) keeps a start far below the state's natural
+  scale (``z₀ = 0`` with a nearly zero injection) from making the first steps
+  towards an ``O(1)`` equilibrium look like a blow-up.
+  """
+  floor = jnp.sqrt(jnp.asarray(z0.shape[1], z0.dtype))
+  return jnp.maximum(jnp.maximum(batched_tree.per_sample_norm(z0),
+                                 batched_tree.per_sample_norm(fz0)), floor)
+
+
+def _grew(z: jax.Array, abs_res: jax.Array, limit: jax.Array) -> jax.Array:
+  """``‖z‖ > limit`` or ``‖f(z) − z‖ > limit``, per sample (NaN compares false)."""
+  return (batched_tree.per_sample_norm(z) > limit) | (abs_res > limit)
+
+
+def check_budget(solver: AbstractSolver, budget: Any) -> None:
+  """Refuses a Python-integer ``budget`` outside ``[1, solver.max_iter]``.
+
+  Arrays (traced or not) pass: :func:`iterate` clips them to that range, since a
+  traced value cannot be checked without a host synchronisation.
+
+  Raises:
+    ValueError: naming the budget and the solver's ``max_iter``.
+  """
+  if isinstance(budget, (int, np.integer)) and not isinstance(budget, bool):
+    if not 1 <= budget <= solver.max_iter:
+      raise ValueError(
+          f"budget must be in [1, max_iter={solver.max_iter}] (the evaluation at "
+          f"z0 included), got {budget}")
+
+
 def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
             budget: jax.Array | int | None = None) -> tuple[jax.Array, SolverStats]:
   """Solves ``fn(z) = z`` per sample, for ``z0`` of shape ``(B, D)``.
+
+  Divergence rule. With ``r = solver.divergence_ratio``, ``c_k`` the stop-mode
+  residual of iterate ``z_k`` and ``s = max(‖z₀‖, ‖f(z₀)‖, √D)`` the sample's
+  initial scale, a sample still running is flagged ``diverged`` (and stopped) at
+  the first ``k`` where
+
+    f(z_k) is not finite,   or   c_k > r · min_{j<k} c_j,
+    or   ‖z_k‖ > r · s,   or   ‖f(z_k) − z_k‖ > r · s.
+
+  The last two hold whatever the stop mode: under ``stop_mode="rel"`` the ratio
+  ``‖f(z) − z‖ / ‖f(z)‖`` of iterates that blow up (``f(z) = A z + b`` with spectral
+  radius ``ρ(A) ≫ 1``) stays bounded while ``‖z_k‖`` grows like ``ρᵏ``. A sample
+  that reached the tolerance at its best iterate is reported converged, never
+  diverged. Every test is an elementwise comparison in the loop's carry: no host
+  synchronisation, static shapes.
 
   Args:
     solver: the solver configuration.
     fn: the map, ``(B, D) -> (B, D)``, sample-wise independent.
     z0: the initial iterate.
-    budget: optional, possibly traced, evaluation budget ``<= solver.max_iter``;
-      changes the stopping point without recompiling.
+    budget: optional, possibly traced, evaluation budget. It is clipped to
+      ``[1, solver.max_iter]`` (the evaluation at ``z0`` always happens); a Python
+      integer outside that range is a ``ValueError`` instead.
 
   Returns:
     The lowest-residual iterate of each sample and the per-sample statistics.
+
+  Raises:
+    ValueError: if ``budget`` is a Python integer outside ``[1, solver.max_iter]``.
   """
+  check_budget(solver, budget)
   batch = z0.shape[0]
   limit = solver.max_iter if budget is None else jnp.clip(
       jnp.asarray(budget, jnp.int32), 1, solver.max_iter)
@@ -104,6 +164,7 @@ def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
 
   fz0 = fn(z0)
   g0, abs0, rel0, crit0 = _measure(z0, fz0, solver.stop_mode)
+  growth_limit = solver.divergence_ratio * _initial_scale(z0, fz0)
   converged0 = crit0 <= solver.tol
   diverged0 = ~jnp.isfinite(crit0)
   trace0 = jnp.zeros((batch, trace_len), z0.dtype)
@@ -126,7 +187,8 @@ def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
     # had, and its proposal is discarded anyway.
     g, abs_res, rel_res, crit = _measure(z, fn(z), solver.stop_mode)
     improved = active & (crit < c["best_crit"])
-    exploded = active & (crit > solver.divergence_ratio * c["best_crit"])
+    exploded = active & ((crit > solver.divergence_ratio * c["best_crit"])
+                         | _grew(z, abs_res, growth_limit))
     converged = active & (crit <= solver.tol)
     last_crit = jnp.where(active, crit, c["last_crit"])
     trace = c["trace"]

@@ -10,9 +10,8 @@ CIFAR-100, Imagenette and ImageNet-100) are registered with
 """
 
 from jdeq.models.optimization.branches import (GaussianKernelBranch, LinearKernelBranch,
-                                               MultiBranchObjective)
-from jdeq.models.optimization.classifier import (OptimizationClassifier,
-                                                 count_parameters)
+                                               MultiBranchCell, MultiBranchObjective)
+from jdeq.models.optimization.classifier import OptimizationClassifier
 from jdeq.models.optimization.configs import (CONFIGS, GEQConfig, MOptEqsConfig,
                                               OptimizationModelConfig)
 from jdeq.models.optimization.geq import GEQCell, kernel_width
@@ -21,7 +20,8 @@ from jdeq.models.optimization.objective import Objective, OptimizationCell
 
 __all__ = (
     "CONFIGS", "GEQCell", "GEQConfig", "GaussianKernelBranch",
-    "LinearKernelBranch", "MOptEqsCell", "MOptEqsConfig", "MultiBranchObjective",
+    "LinearKernelBranch", "MOptEqsCell", "MOptEqsConfig", "MultiBranchCell",
+    "MultiBranchObjective",
     "Objective", "OptEqCell", "OptimizationCell", "OptimizationClassifier",
-    "OptimizationModelConfig", "count_parameters", "kernel_width",
+    "OptimizationModelConfig", "kernel_width",
 )

@@ -35,14 +35,16 @@ two implementations agree.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from jdeq import per_sample_dot, per_sample_sum
 from jdeq.models.optimization import operators as ops_lib
-from jdeq.models.optimization.objective import Objective, per_sample_inner, per_sample_sum
+from jdeq.models.optimization.objective import Objective, OptimizationCell
 
 Operators = Mapping[str, Any]
 
@@ -50,7 +52,7 @@ Operators = Mapping[str, Any]
 def _quadratic_value(z: jax.Array, w: jax.Array) -> jax.Array:
   """``½‖z‖² − ½‖Wz‖²`` per sample (spatial), shared by both kernels."""
   wz = ops_lib.circular_conv(z, w)
-  return 0.5 * per_sample_inner(z, z) - 0.5 * per_sample_inner(wz, wz)
+  return 0.5 * per_sample_dot(z, z) - 0.5 * per_sample_dot(wz, wz)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,7 @@ class LinearKernelBranch:
 
   def value(self, z: jax.Array, operators: Operators) -> jax.Array:
     return (_quadratic_value(z, operators["w"])
-            - per_sample_inner(operators["injection"], z))
+            - per_sample_dot(operators["injection"], z))
 
   def gradient(self, z: jax.Array, operators: Operators) -> jax.Array:
     mixed = ops_lib.from_spectrum(ops_lib.spectral_product(
@@ -95,7 +97,7 @@ class GaussianKernelBranch:
     # (1 − e^{−γd}) / 2γ, computed with expm1 so the γ → 0 limit keeps its digits.
     kernel = -jnp.expm1(-gamma * self.distances(z, operators)) / (2 * gamma)
     return (_quadratic_value(z, operators["w"])
-            - per_sample_inner(jnp.broadcast_to(operators["bias"], z.shape), z)
+            - per_sample_dot(jnp.broadcast_to(operators["bias"], z.shape), z)
             + per_sample_sum(kernel))
 
   def gradient(self, z: jax.Array, operators: Operators) -> jax.Array:
@@ -145,7 +147,7 @@ class MultiBranchObjective(Objective):
                 in zip(self.branches, z, operators["branches"]))
     if self.coupling:
       value = value + 0.5 * self.coupling * sum(
-          per_sample_inner(r, r) for r in self._coupling_residuals(z, operators))
+          per_sample_dot(r, r) for r in self._coupling_residuals(z, operators))
     return value
 
   def smooth_gradient(self, z, operators):
@@ -157,3 +159,30 @@ class MultiBranchObjective(Objective):
             residual, operators["down"][i])
         gradient[i + 1] = gradient[i + 1] + self.coupling * residual
     return tuple(gradient)
+
+
+class MultiBranchCell(OptimizationCell):
+  """A cell over branches ``i = 0, 1, …`` (finest first), branch ``i`` at ``1/2^i`` of
+  the input features' resolution, whose objective is a :class:`MultiBranchObjective`.
+
+  Subclasses set ``channels`` (per branch), ``down_maps`` (the channel maps ``P_i``
+  of the coupling; empty without it) and ``objective_spec``, and implement
+  :meth:`branch_operators`.
+  """
+
+  channels: tuple[int, ...]
+  down_maps: Sequence[Any]
+
+  @abc.abstractmethod
+  def branch_operators(self, x: jax.Array) -> list[Operators]:
+    """The per-branch operators for the input features ``x``, finest first."""
+
+  def operators(self, x: jax.Array) -> dict:
+    return {"branches": tuple(self.branch_operators(x)),
+            "down": tuple(m.normalized_matrix() for m in self.down_maps)}
+
+  def initial_state(self, x: jax.Array) -> tuple:
+    """Zeros: branch ``i`` of shape ``(B, H/2^i, W/2^i, channels[i])``."""
+    batch, height, width, _ = x.shape
+    return tuple(jnp.zeros((batch, height >> i, width >> i, c), x.dtype)
+                 for i, c in enumerate(self.channels))

@@ -2,27 +2,22 @@
 
 ``images → stem → x → z* = argmin_z G(z; x) (solved as z* = T(z*)) → fusion head → logits``
 
-The model follows the jdeq model contract::
-
-  logits, aux = model(images, train=True, unrolled=False, budget=None, jac_probes=0)
-
-with ``aux`` a :class:`jdeq.nn.DEQAux`. The equilibrium is solved by
-:class:`jdeq.nn.DEQ`, which builds the cell's operators (spectrally normalized
-weights, injections, kernel widths) once per forward pass, so every solver iteration
-and the backward pass see the same objective.
+The model is a :class:`jdeq.nn.DEQNetwork`, so it follows the model contract
+(:class:`jdeq.nn.EquilibriumModel`). Its :class:`jdeq.nn.DEQ` builds the cell's
+operators (spectrally normalized weights, injections, kernel widths) once per
+forward pass, so every solver iteration and the backward pass see the same objective.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jdeq.models.optimization import operators as ops_lib
-from jdeq.nn import DEQ, Conv, DEQAux, WeightNorm, group_norm
+from jdeq.nn import Conv, DEQNetwork, WeightNorm, group_norm
 
 
 def group_count(channels: int, preferred: int = 8) -> int:
@@ -44,7 +39,8 @@ class Stem(nnx.Module):
     self.norms = nnx.List([group_norm(channels, group_count(channels), rngs=rngs)
                            for _ in strides])
 
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    del train  # GroupNorm only: the same in both modes
     x = images
     for conv, norm in zip(self.convs, self.norms):
       x = jax.nn.relu(norm(conv(x)))
@@ -75,7 +71,7 @@ class FusionHead(nnx.Module):
     return self.classifier(self.dropout(features, deterministic=not train))
 
 
-class OptimizationClassifier(nnx.Module):
+class OptimizationClassifier(DEQNetwork):
   """Stem, an optimization-induced cell solved to its equilibrium, fusion head.
 
   Built from a :class:`~jdeq.models.optimization.MOptEqsConfig` or
@@ -86,16 +82,13 @@ class OptimizationClassifier(nnx.Module):
   """
 
   def __init__(self, config, *, rngs: nnx.Rngs):
-    self.config = config
-    in_channels = config.image_shape[2]
-    self.stem = Stem(in_channels, config.stem_channels, stride=config.stem_stride,
-                     rngs=rngs)
-    self.deq = DEQ(config.make_cell(rngs=rngs), solver=config.solver,
-                   eval_solver=config.eval_solver, grad=config.grad,
-                   unrolled_steps=config.unrolled_steps)
-    self.head = FusionHead(config.channels, config.head_channels, config.num_classes,
-                           dropout=config.dropout, rngs=rngs)
-    self.rngs = rngs
+    stem = Stem(config.image_shape[2], config.stem_channels, stride=config.stem_stride,
+                rngs=rngs)
+    cell = config.make_cell(rngs=rngs)
+    head = FusionHead(config.channels, config.head_channels, config.num_classes,
+                      dropout=config.dropout, rngs=rngs)
+    super().__init__(config, stem, cell, head, rngs=rngs,
+                     input_shape=config.image_shape)
 
   @property
   def cell(self):
@@ -104,39 +97,14 @@ class OptimizationClassifier(nnx.Module):
 
   def features(self, images: jax.Array) -> jax.Array:
     """The stem output ``x``, the cell's input."""
-    config = self.config
-    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(config.image_shape):
-      raise ValueError(f"{type(self).__name__}: expected images of shape "
-                       f"(B, {', '.join(map(str, config.image_shape))}), got "
-                       f"{tuple(images.shape)}")
-    return self.stem(images)
+    self.check_input(images)
+    return self.stem(images, train=False)
 
-  def __call__(self, images: jax.Array, train: bool = True, unrolled: bool = False,
-               budget: Optional[jax.Array] = None, jac_probes: int = 0
-               ) -> tuple[jax.Array, DEQAux]:
-    """Logits ``(B, num_classes)`` and ``DEQAux(stats, jac_loss)``.
-
-    Args:
-      images: ``(B, H, W, C)`` with ``(H, W, C)`` the configured ``image_shape``.
-      train: dropout, perturbation and the training solver budget; else the
-        evaluation budget, deterministic.
-      unrolled: ordinary backprop through ``unrolled_steps`` cell steps from ``z0``
-        ("pretraining") instead of the equilibrium gradient.
-      budget: optional traced forward budget ``<= solver.max_iter``.
-      jac_probes: > 0 adds the Hutchinson estimate of ``‖J‖²_F / d`` at ``z*``.
-    """
-    x = self.features(images)
-    z_star, aux = self.deq(
-        x, train=train, unrolled=unrolled, budget=budget, jac_probes=jac_probes,
-        jacobian_key=self.rngs.jacobian() if jac_probes else None)
+  def refine(self, z_star, injection, *, train: bool):
+    """In training, the perturbation strategy (``perturbation_size > 0``) moves
+    ``z*`` within the objective's basin (see ``OptimizationCell.perturb``)."""
     if train and self.config.perturbation_size > 0:
-      z_star = self.cell.perturb(z_star, self.cell.operators(x),
+      z_star = self.cell.perturb(z_star, self.cell.operators(injection),
                                  key=self.rngs.dropout(),
                                  size=self.config.perturbation_size)
-    return self.head(z_star, train=train), aux
-
-
-def count_parameters(model: nnx.Module) -> int:
-  """Number of scalar parameters (``nnx.Param`` leaves)."""
-  return sum(math.prod(leaf.shape) for leaf in
-             jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return z_star

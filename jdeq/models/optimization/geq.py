@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdeq.models.optimization import operators as ops_lib
-from jdeq.models.optimization.branches import GaussianKernelBranch, MultiBranchObjective
-from jdeq.models.optimization.objective import OptimizationCell
+from jdeq.models.optimization.branches import (GaussianKernelBranch, MultiBranchCell,
+                                               MultiBranchObjective)
 
 # min over t ≥ 0 of e^{−t}(1 − 2t), the most negative curvature of the kernel term.
 KERNEL_CURVATURE_FLOOR = -2 * math.exp(-1.5)
@@ -56,7 +56,7 @@ def kernel_width(x: jax.Array, gamma_scale: float = 0.2) -> jax.Array:
   return gamma_scale / jnp.maximum(distances.min(1), floor)
 
 
-class GEQCell(OptimizationCell):
+class GEQCell(MultiBranchCell):
   """Parallel GEQ branches, one per input scale, finest first.
 
   Args:
@@ -106,7 +106,7 @@ class GEQCell(OptimizationCell):
     self.objective_spec = MultiBranchObjective(
         branches=(GaussianKernelBranch(),) * len(channels), coupling=float(coupling))
 
-  def operators(self, x: jax.Array) -> dict:
+  def branch_operators(self, x: jax.Array) -> list[dict]:
     branches = []
     for level, (mixing, reconstruction, bias) in enumerate(
         zip(self.mixing, self.reconstruction, self.bias)):
@@ -122,10 +122,4 @@ class GEQCell(OptimizationCell):
                        "w_h": w_h, "w_h_symbol": w_h_symbol,
                        "x": x_level, "bias": bias[...].astype(x.dtype),
                        "gamma": gamma})
-    return {"branches": tuple(branches),
-            "down": tuple(m.normalized_matrix() for m in self.down_maps)}
-
-  def initial_state(self, x: jax.Array) -> tuple:
-    batch, height, width, _ = x.shape
-    return tuple(jnp.zeros((batch, height >> i, width >> i, c), x.dtype)
-                 for i, c in enumerate(self.channels))
+    return branches

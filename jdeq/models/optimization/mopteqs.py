@@ -21,17 +21,15 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jdeq.nn import Conv, WeightNorm
-
 from jdeq.models.optimization import operators as ops_lib
-from jdeq.models.optimization.branches import LinearKernelBranch, MultiBranchObjective
-from jdeq.models.optimization.objective import OptimizationCell
+from jdeq.models.optimization.branches import (LinearKernelBranch, MultiBranchCell,
+                                               MultiBranchObjective)
 
 
-class MOptEqsCell(OptimizationCell):
+class MOptEqsCell(MultiBranchCell):
   """The multi-branch linear-kernel cell of MOptEqs (one branch: OptEq).
 
   Args:
@@ -66,20 +64,14 @@ class MOptEqsCell(OptimizationCell):
     self.objective_spec = MultiBranchObjective(
         branches=(LinearKernelBranch(),) * len(channels), coupling=float(coupling))
 
-  def operators(self, x: jax.Array) -> dict:
+  def branch_operators(self, x: jax.Array) -> list[dict]:
     branches = []
     for level, (mixing, injection) in enumerate(zip(self.mixing, self.injection)):
       x_level = ops_lib.resample(x, level)
       kernel, symbol = mixing.normalized(x_level.shape[1:3])
       branches.append({"w": kernel, "w_gram": ops_lib.spectral_gram(symbol),
                        "injection": injection(x_level)})
-    return {"branches": tuple(branches),
-            "down": tuple(m.normalized_matrix() for m in self.down_maps)}
-
-  def initial_state(self, x: jax.Array) -> tuple:
-    batch, height, width, _ = x.shape
-    return tuple(jnp.zeros((batch, height >> i, width >> i, c), x.dtype)
-                 for i, c in enumerate(self.channels))
+    return branches
 
 
 def OptEqCell(in_channels: int, channels: int, *, max_norm: float = 0.9,

@@ -19,7 +19,7 @@ hyperparameters; the arrays it needs (normalized weights, injections, kernel wid
 come in the ``operators`` pytree built once per forward pass by the owning
 :class:`OptimizationCell` (a :class:`jdeq.nn.EquilibriumCell`). Its :meth:`Objective.update` is therefore a pure function
 ``f(z, operators)`` that :func:`jdeq.fixed_point` can solve and differentiate.
-All reductions are per sample: states carry a leading batch axis and every scalar
+All reductions are per sample (:func:`jdeq.per_sample_sum` and its kin): states carry a leading batch axis and every scalar
 the objective returns has shape ``(B,)``.
 """
 
@@ -31,25 +31,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from jdeq import per_sample_norm, per_sample_sum
 from jdeq.nn import EquilibriumCell
 
 PyTree = Any
-
-
-def per_sample_sum(tree: PyTree) -> jax.Array:
-  """``Σ`` over every axis but the leading batch axis, summed over the leaves."""
-  leaves = jax.tree.leaves(tree)
-  return sum(jnp.sum(leaf.reshape(leaf.shape[0], -1), axis=1) for leaf in leaves)
-
-
-def per_sample_inner(a: PyTree, b: PyTree) -> jax.Array:
-  """Per-sample ``⟨a, b⟩``."""
-  return per_sample_sum(jax.tree.map(jnp.multiply, a, b))
-
-
-def per_sample_norm(tree: PyTree) -> jax.Array:
-  """Per-sample Euclidean norm of a state pytree."""
-  return jnp.sqrt(per_sample_inner(tree, tree))
 
 
 class Objective(abc.ABC):

@@ -1,5 +1,7 @@
 """Experiments: a model configuration, a data configuration and a training configuration.
 
+This is the one layer that knows models, data and training together; it sits above
+:mod:`jdeq.models`, :mod:`jdeq.data` and :mod:`jdeq.train`, none of which imports it.
 An :class:`ExperimentConfig` names a registered model configuration
 (``jdeq.models.get_config``) plus overrides of its fields, and holds a
 ``jdeq.data.DataConfig`` and a :class:`TrainConfig`. Command-line overrides address
@@ -9,7 +11,8 @@ nested fields with dotted keys::
 
 Values are parsed as Python literals (``0.01``, ``(30, 60)``, ``None``, ``True``),
 anything else is taken as a string (``train.optimizer=sgd``). An unknown section or
-field is a ``ValueError`` listing the valid ones.
+field is a ``ValueError`` listing the valid ones, and so is a value of the wrong
+type for its field (``train.lr=abc``), checked against the field's annotation.
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ import ast
 import dataclasses
 import json
 import os
+import types
+import typing
 from typing import Any, Mapping, Optional, Sequence
 
 from flax import nnx
 
-from jdeq._src.config import config
-from jdeq.train import reporting
-from jdeq.train.config import TrainConfig
-from jdeq.train.loop import fit
+import jdeq
+from jdeq import data, models
+from jdeq.train import TrainConfig, fit, reporting
 
 SECTIONS = ("model", "data", "train")
 
 
-@config
+@jdeq.config
 class ExperimentConfig:
   """One paper experiment.
 
@@ -63,6 +67,71 @@ def parse_override(text: str) -> tuple[str, Any]:
   return key, value
 
 
+def _accepted_types(annotation: Any) -> Optional[tuple[type, ...]]:
+  """The classes a field annotation admits, or None where it admits anything.
+
+  ``Optional``/unions admit each member's classes, ``tuple[int, ...]`` and the like
+  their origin (``tuple``); ``Any``, ``Literal``, type variables and callables
+  admit anything (the configuration's own validation still runs).
+  """
+  if annotation is Any:
+    return None
+  origin = typing.get_origin(annotation)
+  if origin is typing.Union or origin is types.UnionType:
+    accepted: tuple[type, ...] = ()
+    for member in typing.get_args(annotation):
+      member_types = _accepted_types(member)
+      if member_types is None:
+        return None
+      accepted += member_types
+    return accepted
+  if origin is not None:
+    return (origin,) if isinstance(origin, type) else None
+  if annotation is type(None):
+    return (type(None),)
+  return (annotation,) if isinstance(annotation, type) else None
+
+
+def _typed_value(obj: Any, name: str, value: Any, owner: str) -> Any:
+  """``value`` for field ``name`` of the dataclass ``obj``, checked against its type.
+
+  The type is the field's annotation (``typing.get_type_hints``). An ``int`` is
+  taken for a ``float`` (and converted), a list for a ``tuple``; a ``bool`` only
+  for a ``bool``. An annotation that does not resolve admits anything.
+
+  Raises:
+    ValueError: naming the override, the expected type and the value given.
+  """
+  try:
+    annotation = typing.get_type_hints(type(obj)).get(name, Any)
+  except (NameError, TypeError):  # names only a type checker can resolve
+    return value
+  accepted = _accepted_types(annotation)
+  if accepted is None:
+    return value
+  if isinstance(value, bool):
+    if bool in accepted:
+      return value
+  elif isinstance(value, accepted):
+    return value
+  elif float in accepted and isinstance(value, int):
+    return float(value)
+  elif tuple in accepted and isinstance(value, list):
+    return tuple(value)
+  expected = " or ".join(sorted({"None" if t is type(None) else t.__name__
+                                 for t in accepted}))
+  raise ValueError(f"override {owner}.{name}={value!r}: expected {expected}, got "
+                   f"{type(value).__name__}")
+
+
+def _replace(obj: Any, owner: str, **changes: Any) -> Any:
+  """``dataclasses.replace``, with a type error of the validation named as a value error."""
+  try:
+    return dataclasses.replace(obj, **changes)
+  except TypeError as error:
+    raise ValueError(f"{owner}: {error}") from error
+
+
 def replace_path(obj: Any, path: Sequence[str], value: Any, *,
                  owner: str) -> Any:
   """``dataclasses.replace`` along a dotted path of nested dataclass fields."""
@@ -75,12 +144,13 @@ def replace_path(obj: Any, path: Sequence[str], value: Any, *,
   if len(path) > 1:
     value = replace_path(getattr(obj, head), path[1:], value,
                          owner=f"{owner}.{head}")
-  return dataclasses.replace(obj, **{head: value})
+  else:
+    value = _typed_value(obj, head, value, owner)
+  return _replace(obj, owner, **{head: value})
 
 
 def model_config(experiment: ExperimentConfig) -> Any:
   """The model configuration with the experiment's overrides applied."""
-  from jdeq import models  # the experiment layer sits above models and data
   try:
     base = models.get_config(experiment.model)
   except (KeyError, ValueError) as error:
@@ -107,18 +177,23 @@ def replace_paths(obj: Any, assignments: Mapping[tuple[str, ...], Any], *,
       raise ValueError(f"unknown option {owner}.{path[0]}; valid {owner} options: "
                        f"{names}")
     if len(path) == 1:
-      direct[path[0]] = value
+      direct[path[0]] = _typed_value(obj, path[0], value, owner)
     else:
       nested.setdefault(path[0], {})[path[1:]] = value
   for head, sub in nested.items():
     direct[head] = replace_paths(direct.get(head, getattr(obj, head)), sub,
                                  owner=f"{owner}.{head}")
-  return dataclasses.replace(obj, **direct)
+  return _replace(obj, owner, **direct)
 
 
 def apply_overrides(experiment: ExperimentConfig,
                     overrides: Sequence[str]) -> ExperimentConfig:
-  """Applies ``section.field=value`` strings, validating every key."""
+  """Applies ``section.field=value`` strings, validating every key and value type.
+
+  Raises:
+    ValueError: an unknown section or field (the valid ones listed), a value of
+      the wrong type for its field, or one the configuration rejects.
+  """
   by_section: dict[str, dict[tuple[str, ...], Any]] = {s: {} for s in SECTIONS}
   for text in overrides:
     key, value = parse_override(text)
@@ -142,7 +217,7 @@ def apply_overrides(experiment: ExperimentConfig,
 def run_experiment(experiment: ExperimentConfig, *, workdir: str,
                    data_dir: Optional[str] = None, name: str = "",
                    progress: bool = True) -> dict[str, Any]:
-  """Builds the data pipeline and the model, then :func:`~jdeq.train.fit`.
+  """Builds the data pipeline and the model, then :func:`jdeq.train.fit`.
 
   Args:
     experiment: the configuration.
@@ -154,8 +229,12 @@ def run_experiment(experiment: ExperimentConfig, *, workdir: str,
 
   Returns:
     The run report.
+
+  Raises:
+    ValueError: ``workdir`` is not writable (checked before the data is read),
+      or a configuration value is invalid.
   """
-  from jdeq import data, models
+  reporting.check_writable(workdir)
   data_config = experiment.data
   if data_dir is not None:
     data_config = dataclasses.replace(data_config, data_dir=data_dir)
