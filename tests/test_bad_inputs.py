@@ -139,6 +139,9 @@ def test_nonfinite_batch_skips_the_update_and_is_counted():
     assert before, name
     for old, new in zip(before, after):
       np.testing.assert_array_equal(new, old, err_msg=name)
+  # The whole optimizer state, its step count included (the schedule does not move).
+  for old, new in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(skipped.opt_state)):
+    np.testing.assert_array_equal(new, old)
   summary = metrics_lib.summarize_train(metrics)
   assert summary["nonfinite_steps"] == 1
   assert all(np.isfinite(v) for v in summary.values()), summary

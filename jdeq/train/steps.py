@@ -42,16 +42,17 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
 
 
-def _keep_if(applied: jax.Array, new: Any, old: Any) -> Any:
+def _keep_if(applied: jax.Array, new: Any, old: Any, *,
+             floating_only: bool = False) -> Any:
   """``new`` where ``applied``, else ``old``, leaf by leaf (a select, no branch).
 
-  Only floating leaves are selected: integer counters and PRNG keys (the model's
-  RNG streams) always advance, so a skipped step does not replay its random draws.
+  With ``floating_only`` the other leaves always take ``new``: the model's integer
+  RNG counters and keys advance, so a skipped step does not replay its random draws.
   """
   def select(a, b):
-    if jnp.issubdtype(jnp.result_type(a), jnp.floating):
-      return jnp.where(applied, a, b)
-    return a
+    if floating_only and not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+      return a
+    return jnp.where(applied, a, b)
   return jax.tree.map(select, new, old)
 
 
@@ -79,10 +80,10 @@ def make_train_step(optimizer: optax.GradientTransformation,
 
   Bad data is handled as data, inside the compiled step: a step whose input
   images, loss or gradient hold a NaN or an infinity is *skipped* — the
-  parameters, the optimizer state and the floating model variables (batch
-  statistics) keep their old values through a select (``jnp.where``), the step
-  counter and the RNG streams advance — and it reports ``nonfinite = 1`` and
-  ``count = 0``, so the interval means cover the applied steps only. (The solve
+  parameters, the whole optimizer state (its step count included) and the
+  floating model variables (batch statistics) keep their old values through a
+  select (``jnp.where``), the train-state step counter and the RNG streams
+  advance — and it reports ``nonfinite = 1`` and ``count = 0``, so the interval means cover the applied steps only. (The solve
   itself flags such samples ``diverged`` in its statistics.) A solve that does not
   converge is never an error, it shows up in the residual and ``converged``
   metrics.
@@ -131,7 +132,8 @@ def make_train_step(optimizer: optax.GradientTransformation,
     new_state = state.replace(
         params=_keep_if(finite, new_params, state.params),
         opt_state=_keep_if(finite, new_opt_state, state.opt_state),
-        model_state=_keep_if(finite, new_model_state, state.model_state),
+        model_state=_keep_if(finite, new_model_state, state.model_state,
+                             floating_only=True),
         step=state.step + 1)
 
     nfe, residual, residual_max, converged, samples = metrics_lib.solver_summary(stats)
