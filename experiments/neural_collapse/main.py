@@ -41,7 +41,7 @@ from experiments.neural_collapse import config as nc_config  # noqa: E402
 from jdeq import analysis, data, models, nn, train  # noqa: E402
 from jdeq.data import augment_numpy, imbalance as imbalance_lib, source  # noqa: E402
 from jdeq.models import neural_collapse as _nc_models  # noqa: E402,F401  (registers the arms)
-from jdeq.train.regularization import JacobianSchedule  # noqa: E402
+from jdeq.train.testing import in_memory_eval_batches  # noqa: E402
 
 CENTERING = "classes"  # the metrics compared; "samples" is recorded beside it
 _SAMPLES_FIELDS = ("nc1", "nc2_means", "nc3")
@@ -116,20 +116,6 @@ def load_data(setting: nc_config.Setting, scale: nc_config.Scale,
                  train=split(spec.train_split, subset), test=test, test_probe=probe)
 
 
-def _split_batches(split: Split, batch_size: int):
-  """Fixed-shape batches of ``split`` (the last zero-padded, with a mask)."""
-  for start in range(0, len(split.labels), batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
-    real = len(labels)
-    if real < batch_size:
-      images = np.concatenate([images, np.zeros((batch_size - real,) + images.shape[1:],
-                                                images.dtype)])
-      labels = np.concatenate([labels, np.zeros(batch_size - real, labels.dtype)])
-    yield {"image": images, "label": labels,
-           "mask": (np.arange(batch_size) < real).astype(np.float32)}
-
-
 def _param_breakdown(model: nnx.Module) -> dict[str, int]:
   blocks = model.deq if model.config.arm == "deq" else model.cells
   return {"encoder": nn.num_params(model.encoder), "blocks": nn.num_params(blocks),
@@ -147,7 +133,8 @@ def measure(forward, params, model_state, split: Split, weight, bias, *,
     return h, logits
 
   collected = analysis.extract_features(features_and_logits,
-                                        _split_batches(split, batch_size))
+                                        in_memory_eval_batches(split.images, split.labels,
+                                                               batch_size))
   features = collected.features.astype(np.float64)
   k = setting.num_classes
   minority = setting.minority_classes
@@ -197,7 +184,7 @@ def run_arm(arm: str, setting: nc_config.Setting, scale: nc_config.Scale,
   optimizer = train.make_optimizer(train_cfg, spe)
   mesh = train.data_mesh()
   state = train.replicate(train.create_train_state(model, optimizer, seed=seed), mesh)
-  train_step = train.make_train_step(optimizer, JacobianSchedule.from_config(
+  train_step = train.make_train_step(optimizer, train.JacobianSchedule.from_config(
       train_cfg, spe), unrolled=False, regularized=False, mesh=mesh)
   graphdef = state.graphdef
 
@@ -257,7 +244,8 @@ def run_arm(arm: str, setting: nc_config.Setting, scale: nc_config.Scale,
   weight, _ = (np.asarray(a, np.float64) for a in net.classifier())
   collected = analysis.extract_features(
       lambda images: forward(state.params, state.model_state, images)[:2],
-      _split_batches(arm_data.train, scale.eval_batch_size))
+      in_memory_eval_batches(arm_data.train.images, arm_data.train.labels,
+                             scale.eval_batch_size))
   means = np.stack([collected.features[collected.labels == c].mean(0)
                     for c in range(setting.num_classes)]).astype(np.float64)
   centered = means - means.mean(0)
