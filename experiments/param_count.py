@@ -16,7 +16,8 @@ from flax import nnx
 
 from jdeq import models, nn
 
-PART_LABELS = {"stem": "stem", "deq": "equilibrium cell", "head": "head"}
+PART_LABELS = {"stem": "stem", "deq": "equilibrium cell", "head": "head",
+               "vocab": "embedding/softmax"}
 
 
 def count_by_part(name: str) -> dict[str, int]:

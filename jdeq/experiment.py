@@ -29,7 +29,7 @@ from flax import nnx
 
 import jdeq
 from jdeq import data, models
-from jdeq.train import TrainConfig, fit, reporting
+from jdeq.train import Classification, LanguageModeling, TrainConfig, fit, reporting
 
 SECTIONS = ("model", "data", "train")
 
@@ -238,21 +238,55 @@ def run_experiment(experiment: ExperimentConfig, *, workdir: str,
   data_config = experiment.data
   if data_dir is not None:
     data_config = dataclasses.replace(data_config, data_dir=data_dir)
+  resolved_model = model_config(experiment)
+  meta = {"experiment": name, "description": experiment.description,
+          "model": resolved_model, "data": data_config}
+  if isinstance(data_config, data.TextDataConfig):
+    return _run_language_model(experiment, resolved_model, data_config, meta,
+                               workdir=workdir, progress=progress)
   info = data.dataset_info(data_config)
   steps_per_epoch = max(1, info.num_train // data_config.batch_size)
-  resolved_model = model_config(experiment)
   model = models.create(resolved_model, rngs=nnx.Rngs(experiment.train.seed))
   return fit(
       model, experiment.train,
       train_batches=lambda start: data.train_batches(data_config, start_step=start),
       eval_batches=lambda: data.eval_batches(data_config, split="test"),
       steps_per_epoch=steps_per_epoch, workdir=workdir,
-      meta={"experiment": name, "description": experiment.description,
-            "model": resolved_model, "data": data_config,
-            "dataset": {"num_train": info.num_train, "num_test": info.num_test,
-                        "num_classes": info.num_classes,
-                        "image_shape": info.image_shape}},
-      progress=progress)
+      meta={**meta, "dataset": {"num_train": info.num_train,
+                                "num_test": info.num_test,
+                                "num_classes": info.num_classes,
+                                "image_shape": info.image_shape}},
+      progress=progress, task=Classification())
+
+
+def _run_language_model(experiment: ExperimentConfig, model_config_: Any,
+                        data_config: Any, meta: dict, *, workdir: str,
+                        progress: bool) -> dict[str, Any]:
+  """:func:`run_experiment` for a language model on a text corpus.
+
+  Training walks the train split in segments with the memory carried from
+  batch to batch; evaluation runs over the whole validation split, carrying the
+  memory too. The model's vocabulary must be the corpus's.
+  """
+  info = data.text_info(data_config)
+  if getattr(model_config_, "vocab_size", info.vocab_size) != info.vocab_size:
+    raise ValueError(
+        f"model {experiment.model} has vocab_size {model_config_.vocab_size}, but "
+        f"the {data_config.name} vocabulary has {info.vocab_size} types (set "
+        f"model.vocab_size={info.vocab_size})")
+  model = models.create(model_config_, rngs=nnx.Rngs(experiment.train.seed))
+  report = fit(
+      model, experiment.train,
+      train_batches=lambda start: data.lm_train_batches(data_config, start_step=start),
+      eval_batches=lambda: data.lm_eval_batches(data_config, split="validation"),
+      steps_per_epoch=info.steps_per_epoch, workdir=workdir,
+      meta={**meta, "dataset": {"vocab_size": info.vocab_size,
+                                "num_tokens": dict(info.num_tokens),
+                                "unigram_perplexity": info.unigram_perplexity},
+            "eval_split": "validation"},
+      progress=progress, task=LanguageModeling())
+  report["unigram_perplexity"] = info.unigram_perplexity
+  return report
 
 
 def finished_report(workdir: str, experiment: ExperimentConfig) -> dict[str, Any]:

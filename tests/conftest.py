@@ -17,7 +17,9 @@ _OPT_FLAG = "--xla_backend_optimization_level"
 if _OPT_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} {_OPT_FLAG}="
                              f"{os.environ.get('JDEQ_TEST_XLA_OPT_LEVEL', '0')}").strip()
-jax.config.update("jax_platforms", "cpu")
+# JDEQ_TEST_PLATFORM runs the suite on another JAX platform (e.g. "gpu", as
+# experiments.device_check does on an accelerator); by default the CPU.
+jax.config.update("jax_platforms", os.environ.get("JDEQ_TEST_PLATFORM", "cpu"))
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX.proto import event_pb2
 
 
 def relative_error(actual, expected) -> float:
@@ -111,6 +110,8 @@ def read_event_scalars(directory) -> dict[str, list[tuple[int, float]]]:
   event at step ``s > 0`` (how a writer's ``purge_step`` marks a resumed run)
   drops the earlier points at steps ``>= s``, as TensorBoard hides them.
   """
+  # Imported here: the helpers of the core tests must not need tensorboardX.
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   scalars: dict[str, list[tuple[int, float]]] = {}
   for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
     data = path.read_bytes()

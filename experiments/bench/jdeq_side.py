@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax._src import xla_bridge  # backends_are_initialized has no public name
 import numpy as np
 import optax
 from flax import nnx
@@ -295,9 +294,20 @@ def build_variant(workload: str, variant: str, forward_iters: int | None = None,
 
 
 def backend_started() -> bool:
-  """Whether JAX has started a backend (after which XLA flags and threads are fixed)."""
-  started = getattr(xla_bridge, "backends_are_initialized", None)
-  return bool(started and started())
+  """Whether JAX has started a backend (after which XLA flags and threads are fixed).
+
+  JAX has no public query for this, but its public configuration refuses to change
+  ``jax_num_cpu_devices`` once a backend exists (a RuntimeError). The probe asks for
+  a different value and, where that is accepted (nothing has started, so nothing
+  has read the option yet), puts the old value back.
+  """
+  current = jax.config.jax_num_cpu_devices
+  try:
+    jax.config.update("jax_num_cpu_devices", current + 2 if current > 0 else 2)
+  except RuntimeError:
+    return True
+  jax.config.update("jax_num_cpu_devices", current)
+  return False
 
 
 def describe_device() -> str:

@@ -65,6 +65,19 @@ def default_torch_python() -> str:
                         os.path.join(REPO_ROOT, ".venv-bench", "bin", "python"))
 
 
+def torch_side_problem(python: str) -> str | None:
+  """Why ``python`` cannot run the PyTorch side (no such file, or no torch and
+  torchdeq there), or None when it can."""
+  if not os.path.exists(python):
+    return f"no TorchDEQ interpreter at {python!r}"
+  probe = subprocess.run([python, "-c", "import torch, torchdeq"],
+                         capture_output=True, text=True)
+  if probe.returncode != 0:
+    reason = (probe.stderr.strip().splitlines() or ["no error output"])[-1]
+    return f"{python!r} cannot import torch and torchdeq ({reason})"
+  return None
+
+
 def child_environment(retain_memory: bool) -> dict[str, str]:
   """This process's environment for a child in the repository (the TorchDEQ side)."""
   env = dict(os.environ, PYTHONPATH=REPO_ROOT)
@@ -289,12 +302,13 @@ def main(argv: list[str] | None = None) -> int:
 
   worker = None
   if not args.no_torch:
-    if os.path.exists(args.torch_python):
+    problem = torch_side_problem(args.torch_python)
+    if problem is None:
       worker = TorchWorker(args.torch_python, conditions["threads"],
                            retain_memory=args.torch_malloc == "retained")
       conditions["torch_retained_freed_memory"] = worker.retain_memory
     else:
-      print(f"WARNING: no TorchDEQ interpreter at {args.torch_python!r} (create it from "
+      print(f"WARNING: {problem} (create the PyTorch side's environment from "
             "requirements-bench.txt or pass --torch-python); running jdeq only", flush=True)
   results: dict[str, Any] = {"device": device, "load": load, "warning": warning,
                              "conditions": conditions, "cells": [], "memory": []}

@@ -46,6 +46,15 @@ from experiments.bench import timing, torch_mdeq, workloads
 TORCHDEQ_SOLVER_NAMES = {"fixed_point_iteration": "fixed_point_iter",
                          "anderson": "anderson", "broyden": "broyden"}
 LEARNING_RATE = 1e-4
+# The device of this side's models and batches: "cpu" unless the runner's
+# environment names another (experiments.device_check sets "cuda" on a GPU machine).
+DEVICE = torch.device(os.environ.get("JDEQ_BENCH_TORCH_DEVICE", "cpu"))
+
+
+def _synchronize() -> None:
+  """Waits for the device's queued work (CUDA runs asynchronously to the host clock)."""
+  if DEVICE.type == "cuda":
+    torch.cuda.synchronize(DEVICE)
 
 
 class _CountVJPs(torch.autograd.Function):
@@ -149,8 +158,8 @@ def build_model(workload: str, seed: int = 0):
   x = arrays["x"]
   if x.ndim == 4:
     x = x.transpose(0, 3, 1, 2)
-  return (model, torch.from_numpy(np.ascontiguousarray(x)),
-          torch.from_numpy(arrays["labels"]).long())
+  return (model.to(DEVICE), torch.from_numpy(np.ascontiguousarray(x)).to(DEVICE),
+          torch.from_numpy(arrays["labels"]).long().to(DEVICE))
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -225,10 +234,13 @@ class Cell:
     start = time.perf_counter()
     self.optimizer.zero_grad(set_to_none=True)
     loss = self.forward()
+    _synchronize()
     forward_done = time.perf_counter()
     loss.backward()
+    _synchronize()
     backward_done = time.perf_counter()
     self.optimizer.step()
+    _synchronize()
     end = time.perf_counter()
     return forward_done - start, backward_done - forward_done, end - start
 
@@ -272,13 +284,15 @@ class Cell:
       v = [torch.ones_like(t) for t in z]
       for _ in range(vjps):
         v = list(torch.autograd.grad(fz, z, v, retain_graph=True))
+      _synchronize()
     return call
 
 
 def describe() -> dict:
+  where = (f"cuda ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda"
+           else f"cpu ({platform.processor() or platform.machine()})")
   return {
-      "device": f"cpu ({platform.processor() or platform.machine()}), "
-                f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+      "device": f"{where}, torch {torch.__version__}, {torch.get_num_threads()} threads",
       "torch": torch.__version__, "torchdeq": getattr(torchdeq, "__version__", "0.1.0"),
   }
 

@@ -5,6 +5,10 @@ Every function takes ``seed``, an int64 tensor of shape (2,), and uses it (split
 into independent sub-seeds) for all of its draws; the pipeline derives it from
 ``(DataConfig.seed, global example slot)``, which makes augmentation reproducible
 and independent of where an iterator started.
+
+This module is TensorFlow code through and through: :mod:`jdeq.data.pipeline`
+imports it only when a streamed dataset is first read, so the in-memory datasets
+(and everything above :mod:`jdeq.data`) run without TensorFlow installed.
 """
 
 from __future__ import annotations

@@ -59,8 +59,10 @@ class DataConfig:
 
   Attributes:
     name: a registered dataset (``jdeq.data.list_datasets()``).
-    data_dir: TFDS data directory; None uses the ``TFDS_DATA_DIR`` environment
-      variable, else TFDS's default directory.
+    data_dir: TFDS data directory, or an array cache of the in-memory datasets
+      (written by ``python -m jdeq.data.export``, read without TensorFlow; told
+      apart by its ``jdeq_array_cache.json``); None uses the ``TFDS_DATA_DIR``
+      environment variable, else TFDS's default directory.
     batch_size: training batch size (every training batch has exactly this size).
     augment: the dataset's training augmentation policy (False: none, as MDEQ-Tiny).
     seed: fixes the per-epoch example order and every augmentation draw.

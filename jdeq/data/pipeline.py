@@ -8,6 +8,10 @@ datasets) or ``(seed, example slot k B + i)`` (streamed ones). ``start_step=k``
 therefore reproduces batch ``k`` of a fresh iterator exactly. In-memory datasets jump
 there without touching the skipped images; streamed ones skip the undecoded records
 of the current epoch (they are read and shuffled, never decoded or augmented).
+
+In-memory datasets need only numpy once their arrays are loaded (from an array cache
+they need no TensorFlow at all); the streamed path imports TensorFlow, TFDS and
+:mod:`jdeq.data.augment_tf` when it first runs.
 """
 
 from __future__ import annotations
@@ -16,10 +20,8 @@ import functools
 from typing import Iterator, Optional
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from jdeq.data import augment_numpy, augment_tf, imbalance as imbalance_lib, source
+from jdeq.data import augment_numpy, imbalance as imbalance_lib, source
 from jdeq.data.config import DataConfig
 from jdeq.data.prefetch import prefetch_in_thread
 from jdeq.data.specs import IGNORE_LABEL, DatasetSpec, cityscapes_label_table, get_spec
@@ -147,10 +149,17 @@ def _pad(batch: Batch, batch_size: int) -> Batch:
 # ---- streamed (tf.data) datasets ----------------------------------------------------
 
 
+def _tensorflow(cfg: DataConfig, spec: DatasetSpec):
+  """``(tensorflow, tensorflow_datasets)``, or the error that names the ways on."""
+  return source.tensorflow_modules(spec, source.resolve_data_dir(cfg.data_dir))
+
+
 def _read(cfg: DataConfig, spec: DatasetSpec, split: str, *,
-          file_seed: Optional[int] = None) -> tf.data.Dataset:
+          file_seed: Optional[int] = None):
   """Undecoded examples of ``split`` (shards in a seeded order if ``file_seed``),
-  restricted to the spec's class subset, as ``(image bytes, label)`` pairs."""
+  restricted to the spec's class subset, as a ``tf.data.Dataset`` of
+  ``(image bytes, label)`` pairs."""
+  tf, tfds = _tensorflow(cfg, spec)
   data_dir = source.resolve_data_dir(cfg.data_dir)
   skip_decoding = {spec.image_key: tfds.decode.SkipDecoding()}
   if spec.is_segmentation:
@@ -171,8 +180,8 @@ def _read(cfg: DataConfig, spec: DatasetSpec, split: str, *,
   return dataset.with_options(options)
 
 
-def _decode(spec: DatasetSpec, image_bytes: tf.Tensor,
-            label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _decode(tf, spec: DatasetSpec, image_bytes, label):
+  """``(uint8 image, int32 label)`` tensors from the stored bytes and label."""
   image = tf.io.decode_image(image_bytes, channels=spec.image_shape[-1],
                              expand_animations=False)
   if spec.is_segmentation:
@@ -184,11 +193,13 @@ def _decode(spec: DatasetSpec, image_bytes: tf.Tensor,
 
 def _preprocess(cfg: DataConfig, spec: DatasetSpec, *, train: bool):
   """``(slot, image bytes, label) -> (image, label)``: decode, view, normalize."""
+  tf, _ = _tensorflow(cfg, spec)
+  from jdeq.data import augment_tf  # pylint: disable=g-import-not-at-top  (TF only here)
   height, width, _ = source.output_image_shape(cfg)
   augment = train and cfg.augment
 
   def preprocess(slot, image_bytes, label):
-    image, label = _decode(spec, image_bytes, label)
+    image, label = _decode(tf, spec, image_bytes, label)
     seed = tf.stack([tf.constant(cfg.seed, tf.int64), tf.cast(slot, tf.int64)])
     if spec.is_segmentation:
       if augment:
@@ -209,6 +220,7 @@ def _preprocess(cfg: DataConfig, spec: DatasetSpec, *, train: bool):
 
 def _streamed_train(cfg: DataConfig, spec: DatasetSpec,
                     start_step: int) -> Iterator[Batch]:
+  tf, _ = _tensorflow(cfg, spec)
   data_dir = source.resolve_data_dir(cfg.data_dir)
   split = cfg.train_split or spec.train_split
   batch_size = cfg.batch_size
@@ -241,6 +253,7 @@ def _streamed_train(cfg: DataConfig, spec: DatasetSpec,
 
 
 def _streamed_eval(cfg: DataConfig, spec: DatasetSpec, split: str) -> Iterator[Batch]:
+  tf, _ = _tensorflow(cfg, spec)
   preprocess = _preprocess(cfg, spec, train=False)
   batch_size = cfg.eval_batch
   dataset = _read(cfg, spec, split).enumerate()

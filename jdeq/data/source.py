@@ -1,31 +1,48 @@
-"""Finding and opening TFDS datasets, and what is known about their size.
+"""Finding and opening datasets: TFDS data directories and array caches.
 
-Every read goes through ``tfds.builder(name, data_dir=...).as_dataset(...)`` with the
-data directory resolved as ``DataConfig.data_dir``, else ``TFDS_DATA_DIR``, else
-TFDS's default; nothing is ever downloaded here, so a prepared copy of a dataset (an
-offline data directory, a shared drive) is read exactly like one TFDS downloaded. A
-dataset that is not there raises :class:`DatasetNotFoundError` naming the dataset,
-the directory searched, and the two ways to point at the right one.
+A dataset lives in the data directory ``DataConfig.data_dir``, else
+``TFDS_DATA_DIR``, else TFDS's default. That directory is either
+
+* a TFDS data directory, read through ``tfds.builder(name, data_dir=...)
+  .as_dataset(...)`` (TensorFlow and TensorFlow Datasets are imported on first use,
+  here and in the streamed pipeline only); nothing is ever downloaded, so a prepared
+  copy of a dataset (an offline data directory, a shared drive) is read exactly like
+  one TFDS downloaded; or
+* an array cache of the in-memory datasets (:mod:`jdeq.data.array_cache`, written by
+  ``python -m jdeq.data.export``), recognised by its ``jdeq_array_cache.json`` and
+  read with numpy alone.
+
+A dataset that is not there raises :class:`DatasetNotFoundError` naming the dataset,
+the directory searched, and the ways to point at the right one; a TFDS directory
+without TensorFlow installed raises :class:`TensorFlowUnavailableError` (one of
+them), which names both fixes: installing TensorFlow and TFDS, or exporting an
+array cache.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
-from tensorflow_datasets.core import constants as tfds_constants
 
+from jdeq.data import array_cache
 from jdeq.data.config import DataConfig
 from jdeq.data.imbalance import per_class_counts
-from jdeq.data.specs import DatasetSpec, get_spec
+from jdeq.data.specs import DatasetSpec, get_spec, in_memory_datasets
+
+# TFDS's default data directory (``tfds.core.constants.DATA_DIR``) when TFDS is absent.
+_TFDS_DEFAULT_DIR = "~/tensorflow_datasets"
 
 
 class DatasetNotFoundError(FileNotFoundError):
   """The dataset is not prepared in the data directory that was searched."""
+
+
+class TensorFlowUnavailableError(DatasetNotFoundError):
+  """The dataset is in TFDS form (or only TFDS can read it), and TensorFlow or
+  TensorFlow Datasets is not installed."""
 
 
 class DatasetInfo(NamedTuple):
@@ -50,22 +67,99 @@ def resolve_data_dir(data_dir: Optional[str]) -> Optional[str]:
 def _searched_dir(data_dir: Optional[str]) -> str:
   if data_dir is not None:
     return data_dir
-  return os.path.expanduser(tfds_constants.DATA_DIR)
+  try:
+    from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
+    return os.path.expanduser(constants.DATA_DIR)
+  except ImportError:
+    return os.path.expanduser(_TFDS_DEFAULT_DIR)
 
 
 def not_found_error(spec: DatasetSpec, data_dir: Optional[str]) -> DatasetNotFoundError:
+  cache = (f" (or a jdeq array cache of it, made with `"
+           f"{array_cache.export_hint(spec.name)}`)" if spec.in_memory else "")
   return DatasetNotFoundError(
       f"dataset {spec.name!r} (TFDS {spec.tfds_name!r}) was not found in the data "
       f"directory {_searched_dir(data_dir)!r}. Pass --data-dir (DataConfig.data_dir) "
-      f"pointing at a TFDS data directory that holds it, or set TFDS_DATA_DIR; to "
-      f"fetch it, run tfds.builder({spec.tfds_name!r}).download_and_prepare() once "
+      f"pointing at a TFDS data directory that holds it{cache}, or set "
+      f"TFDS_DATA_DIR; to fetch it, run "
+      f"tfds.builder({spec.tfds_name!r}).download_and_prepare() once "
       f"(ImageNet and Cityscapes need TFDS's manual download directory).")
 
 
+def tensorflow_unavailable_error(spec: DatasetSpec, data_dir: Optional[str],
+                                 missing: str) -> TensorFlowUnavailableError:
+  """The error for reading ``spec`` from a TFDS directory without ``missing``."""
+  install = ("install them: pip install tensorflow-cpu tensorflow-datasets (or "
+             "pip install \"jdeq[data]\")")
+  if spec.in_memory:
+    fix = (f"Either {install}; or use an array cache, read without TensorFlow: "
+           f"export it once where TensorFlow is installed with `"
+           f"{array_cache.export_hint(spec.name)}` and pass --data-dir CACHE_DIR "
+           f"(DataConfig.data_dir, or TFDS_DATA_DIR).")
+  else:
+    fix = (f"{install[0].upper()}{install[1:]}. ({spec.name!r} is streamed from TFDS; "
+           f"an array cache holds only the in-memory datasets {in_memory_datasets()}.)")
+  return TensorFlowUnavailableError(
+      f"dataset {spec.name!r} cannot be read: the data directory "
+      f"{_searched_dir(data_dir)!r} is not a jdeq array cache, and reading it as a "
+      f"TFDS data directory needs tensorflow and tensorflow-datasets ({missing} is not "
+      f"installed). {fix}")
+
+
+def tensorflow_modules(spec: DatasetSpec, data_dir: Optional[str]) -> tuple[Any, Any]:
+  """``(tensorflow, tensorflow_datasets)``, imported on first use.
+
+  Raises:
+    TensorFlowUnavailableError: either is not installed (the message names both
+      ways to go on).
+    ValueError: ``data_dir`` is an array cache, which TFDS cannot read.
+  """
+  _reject_array_cache(spec, data_dir)
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise tensorflow_unavailable_error(spec, data_dir, "tensorflow") from error
+  try:
+    import tensorflow_datasets  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise tensorflow_unavailable_error(spec, data_dir, "tensorflow-datasets") from error
+  return tensorflow, tensorflow_datasets
+
+
+def _tfds(spec: DatasetSpec, data_dir: Optional[str]):
+  return tensorflow_modules(spec, data_dir)[1]
+
+
+def _reject_array_cache(spec: DatasetSpec, data_dir: Optional[str]) -> None:
+  """A TFDS read of an array cache is a streamed dataset pointed at a cache."""
+  if array_cache.is_array_cache(data_dir):
+    raise ValueError(
+        f"dataset {spec.name!r} is read from TFDS, and {data_dir!r} is a jdeq "
+        f"array cache, which holds only the in-memory datasets "
+        f"{in_memory_datasets()}; pass --data-dir (DataConfig.data_dir) pointing at a "
+        f"TFDS data directory that holds {spec.name!r}")
+
+
+def _cache_manifest(spec: DatasetSpec, data_dir: str) -> dict[str, Any]:
+  """The manifest of ``spec`` in the array cache ``data_dir``, or a clear error."""
+  if not spec.in_memory:
+    _reject_array_cache(spec, data_dir)
+  try:
+    return array_cache.read_manifest(data_dir, spec)
+  except FileNotFoundError as error:
+    raise DatasetNotFoundError(
+        f"dataset {spec.name!r} is not in the jdeq array cache {data_dir!r} (it holds "
+        f"{array_cache.datasets_in(data_dir) or 'nothing'}). Export it with `"
+        f"{array_cache.export_hint(spec.name, data_dir)}`, or pass --data-dir "
+        f"(DataConfig.data_dir) pointing at a TFDS data directory that holds it."
+    ) from error
+
+
 @functools.lru_cache(maxsize=16)
-def builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+def builder(name: str, data_dir: Optional[str]):
   """The TFDS builder of registered dataset ``name`` (never downloads)."""
   spec = get_spec(name)
+  tfds = _tfds(spec, data_dir)
   try:
     return tfds.builder(spec.tfds_name, data_dir=data_dir, try_gcs=False)
   except tfds.core.registered.DatasetNotFoundError as error:
@@ -73,9 +167,9 @@ def builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
 
 
 def as_dataset(spec: DatasetSpec, data_dir: Optional[str], split: str, *,
-               decoders=None, read_config=None, shuffle_files: bool = False
-               ) -> tf.data.Dataset:
-  """``builder.as_dataset`` that reports a missing dataset clearly."""
+               decoders=None, read_config=None, shuffle_files: bool = False):
+  """``builder.as_dataset`` (a ``tf.data.Dataset``) that reports a missing dataset
+  clearly."""
   try:
     return builder(spec.name, data_dir).as_dataset(
         split=split, decoders=decoders, read_config=read_config,
@@ -103,6 +197,10 @@ def num_examples(spec: DatasetSpec, data_dir: Optional[str], split: str) -> int:
 @functools.lru_cache(maxsize=64)
 def _num_examples(name: str, data_dir: Optional[str], split: str) -> int:
   spec = get_spec(name)
+  if array_cache.is_array_cache(data_dir):
+    _cache_manifest(spec, data_dir)
+    return array_cache.num_examples(data_dir, spec, split)
+  tfds = _tfds(spec, data_dir)
   info = builder(name, data_dir).info
   recorded = 0
   try:
@@ -132,8 +230,10 @@ def load_in_memory(spec: DatasetSpec, data_dir: Optional[str], split: str
                    ) -> tuple[np.ndarray, np.ndarray]:
   """The whole split decoded once: ``(images uint8 (N,H,W,C), labels int32 (N,))``.
 
-  Cached per process, so training, evaluation and repeated pipelines decode each
-  split once (CIFAR-10's 60k PNGs take a few seconds; see the package docstring).
+  From an array cache the arrays are read as exported (the same arrays, so the same
+  batches); from a TFDS directory the split is decoded. Cached per process, so
+  training, evaluation and repeated pipelines decode each split once (CIFAR-10's 60k
+  PNGs take a few seconds; see the package docstring).
   """
   return _load_in_memory(spec.name, data_dir, split)
 
@@ -142,6 +242,17 @@ def load_in_memory(spec: DatasetSpec, data_dir: Optional[str], split: str
 def _load_in_memory(name: str, data_dir: Optional[str], split: str
                     ) -> tuple[np.ndarray, np.ndarray]:
   spec = get_spec(name)
+  if array_cache.is_array_cache(data_dir):
+    _cache_manifest(spec, data_dir)
+    return array_cache.load_split(data_dir, spec, split)
+  return decode_split(spec, data_dir, split)
+
+
+def decode_split(spec: DatasetSpec, data_dir: Optional[str], split: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes ``split`` of a TFDS data directory into ``(uint8 images, int32 labels)``
+  (uncached: :func:`load_in_memory` is the cached entry point)."""
+  tf, tfds = tensorflow_modules(spec, data_dir)
   dataset = as_dataset(spec, data_dir, split,
                        decoders={spec.image_key: tfds.decode.SkipDecoding()})
   channels = spec.image_shape[-1]
@@ -199,10 +310,12 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
 
 
 def clear_cache() -> None:
-  """Forgets the decoded in-memory splits, split sizes and TFDS builders."""
+  """Forgets the decoded in-memory splits, split sizes, TFDS builders and the
+  arrays read from array caches."""
   _load_in_memory.cache_clear()
   _num_examples.cache_clear()
   builder.cache_clear()
+  array_cache.clear_cache()
 
 
 def output_image_shape(cfg: DataConfig) -> tuple[int, int, int]:

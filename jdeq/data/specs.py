@@ -157,6 +157,11 @@ def list_datasets() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def in_memory_datasets() -> list[str]:
+  """Names of the datasets decoded into memory (the ones an array cache can hold)."""
+  return [name for name in list_datasets() if _REGISTRY[name].in_memory]
+
+
 def get_spec(name: str) -> DatasetSpec:
   """The :class:`DatasetSpec` registered as ``name``."""
   if name not in _REGISTRY:

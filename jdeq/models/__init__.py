@@ -13,6 +13,7 @@ from jdeq.models import cells  # registers the small cells' configurations
 from jdeq.models import mdeq_configs  # registers the MDEQ configurations
 from jdeq.models import optimization  # registers MOptEqs and GEQ
 from jdeq.models import neural_collapse  # registers the neural-collapse study's arms
+from jdeq.models import deq_transformer  # registers the DEQ-Transformer language models
 from jdeq.models.cells import ConvDEQConfig, MLPDEQConfig, SmallDEQConfig
 from jdeq.models.mdeq import MDEQ, MDEQCell, MDEQConfig
 from jdeq.models.registry import (ModelConfig, Reference, create, get_config,

@@ -23,6 +23,10 @@ convolutions from a forward one:
   form); or ``"native"``, lax's backprop-filter convolution, which accelerators
   always use.
 
+Both choices are made when a convolution is traced, for the backend being traced
+for; :func:`set_derivative_platform` makes them as for another platform (tests on a
+CPU check the forms an accelerator takes that way).
+
 The im2col weight tangent is checkpointed: reverse mode keeps ``x`` from the forward
 pass and builds its ``kh·kw`` times larger patches only in the backward pass
 (unrolled and phantom gradients differentiate many map evaluations, each of which
@@ -71,6 +75,36 @@ def set_cpu_weight_gradient(form: str) -> None:
 def cpu_weight_gradient() -> str:
   """The weight-gradient form :func:`conv2d` uses on XLA:CPU."""
   return _cpu_weight_gradient
+
+
+#: The platforms :func:`set_derivative_platform` accepts (JAX's backend names).
+DERIVATIVE_PLATFORMS = ("cpu", "gpu", "tpu")
+_derivative_platform_override: str | None = None  # None: the backend traced for
+
+
+def set_derivative_platform(platform: str | None) -> None:
+  """Makes :func:`conv2d` choose its derivative forms as if tracing for ``platform``.
+
+  The forms are chosen when a convolution is traced, by default for
+  ``jax.default_backend()``: on ``"cpu"`` the stride-phase input adjoint and the
+  :func:`set_cpu_weight_gradient` form, elsewhere the zero-dilated input adjoint and
+  lax's native weight gradient. A process-wide setting (set it before jitting); it
+  changes speed only, never results. Its use is to run the accelerator forms on a
+  CPU, where the test suite checks them against lax.
+
+  Args:
+    platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``; None restores the default.
+  """
+  global _derivative_platform_override
+  if platform is not None and platform not in DERIVATIVE_PLATFORMS:
+    raise ValueError(f"set_derivative_platform: platform must be None or one of "
+                     f"{list(DERIVATIVE_PLATFORMS)}, got {platform!r}")
+  _derivative_platform_override = platform
+
+
+def derivative_platform() -> str:
+  """The platform :func:`conv2d` chooses its derivative forms for, now."""
+  return _derivative_platform_override or jax.default_backend()
 
 
 def _explicit_padding(size: int, kernel: int, stride: int, padding) -> tuple[int, int]:
@@ -189,7 +223,7 @@ def _strided_adjoint_by_phase() -> bool:
   Elsewhere the zero-dilated form stays: cuDNN runs it as its own backward-data
   convolution. Read at trace time; the choice changes speed only, never the result.
   """
-  return jax.default_backend() == "cpu"
+  return derivative_platform() == "cpu"
 
 
 def _flipped_transposed(w):
@@ -253,7 +287,7 @@ def _conv_jvp(strides, pads, primals, tangents):
 def _weight_gradient_form() -> str:
   """The weight-gradient form for the backend being traced for (see the module
   docstring): the :func:`set_cpu_weight_gradient` setting on XLA:CPU, else native."""
-  return _cpu_weight_gradient if jax.default_backend() == "cpu" else "native"
+  return _cpu_weight_gradient if derivative_platform() == "cpu" else "native"
 
 
 _WEIGHT_TANGENTS = {

@@ -15,6 +15,19 @@ their raw ``uint32`` data), and ``meta``, a JSON record (step, configuration).
 Before restoring, the saved names, shapes and dtypes are compared with those the
 current model expects, so restoring into a differently configured model is a
 :class:`CheckpointError` that lists the differences instead of a deep orbax error.
+
+Several processes (a multi-process job, :mod:`jdeq.train.distributed`) share one
+checkpoint directory on a file system they all see, and every one of them calls
+:meth:`Checkpointer.save` and :meth:`Checkpointer.restore` at the same steps:
+orbax coordinates them with barriers, each process writes the shards of the arrays
+on its own devices (replicated arrays once, by their first replica), and only
+the primary process creates and renames the step directory, writes the ``meta``
+item and deletes old steps. jdeq writes no file of its own here. The host-side
+decisions that choose which collective comes next (is there a checkpoint, which
+step, is this step saved already) are process 0's, broadcast, so that processes
+whose view of the directory lags cannot diverge and wait on each other forever.
+The arrays come back in the template's shardings, whatever the mesh that wrote
+them: a checkpoint of a two-process job restores in one process and vice versa.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jdeq.train import distributed
 from jdeq.train.state import TrainState
 
 _MAX_LISTED = 8
@@ -46,7 +60,7 @@ def _is_key(leaf: Any) -> bool:
   return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
 
 
-_FIELDS = ("params", "model_state", "opt_state", "step", "rng")
+_FIELDS = ("params", "model_state", "opt_state", "step", "rng", "carry")
 
 
 def _named_leaves(state: TrainState) -> tuple[list[tuple[tuple[str, ...], Any]], dict]:
@@ -109,8 +123,15 @@ class Checkpointer:
           f"cannot open checkpoint directory {self.directory}: {error}") from error
 
   def latest_step(self) -> Optional[int]:
-    """The newest complete checkpoint's step, or None if there is none."""
-    return self._manager.latest_step()
+    """The newest complete checkpoint's step, or None if there is none.
+
+    In a multi-process job this is a collective (every process calls it) and
+    returns process 0's answer everywhere.
+    """
+    step = self._manager.latest_step()
+    step = int(distributed.broadcast_from_primary(
+        np.int32(-1 if step is None else step)))
+    return None if step < 0 else step
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -118,7 +139,8 @@ class Checkpointer:
   def save(self, state: TrainState, meta: Mapping[str, Any]) -> None:
     """Writes ``state`` at its own step (a no-op if that step already exists)."""
     step = int(jax.device_get(state.step))
-    if step in self._manager.all_steps():
+    if bool(distributed.broadcast_from_primary(
+        np.bool_(step in self._manager.all_steps()))):
       return
     named, _ = _named_leaves(state)
     tree = _nest([(path, _storable(leaf)) for path, leaf in named])

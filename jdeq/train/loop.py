@@ -10,9 +10,9 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from jdeq.nn import num_params
+from jdeq.train import distributed
 from jdeq.train import metrics as metrics_lib
 from jdeq.train import reporting
 from jdeq.train import sharding as sharding_lib
@@ -22,40 +22,54 @@ from jdeq.train.optim import make_optimizer, make_schedule
 from jdeq.train.regularization import JacobianSchedule
 from jdeq.train.state import TrainState, create_train_state
 from jdeq.train.steps import EvalStep, make_eval_step, make_train_step
-
-# What the steps read from a batch; anything else a pipeline adds stays on the host.
-_STEP_INPUTS = ("image", "label", "mask")
+from jdeq.train.tasks import Classification, Task
 
 TrainBatches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
 EvalBatches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
 
-def _device_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+def _device_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, task: Task) -> dict:
+  # Only what the steps read goes to the devices; the rest stays on the host.
   return sharding_lib.shard_batch(
-      {name: batch[name] for name in _STEP_INPUTS if name in batch}, mesh)
+      {name: batch[name] for name in task.inputs if name in batch}, mesh)
+
+
+def _initial_carry(task: Task, state: TrainState, batch: Mapping[str, Any],
+                   mesh: Mesh) -> Any:
+  carry = task.init_carry(state.model(), batch)
+  return None if carry is None else sharding_lib.replicate(carry, mesh)
 
 
 def evaluate(state: TrainState, eval_step: EvalStep, batches: Iterable[Mapping],
-             mesh: Mesh, *, max_batches: Optional[int] = None) -> dict[str, float]:
-  """One pass over ``batches``; returns accuracy, loss, NFE, residuals, images/s."""
+             mesh: Mesh, *, max_batches: Optional[int] = None,
+             task: Task = Classification()) -> dict[str, float]:
+  """One pass over ``batches``: loss, accuracy (or perplexity), NFE, residuals and
+  throughput (``<unit>_per_s``, e.g. ``images_per_s``).
+
+  A task's carry (a language model's memory) starts empty at the first batch and
+  runs through the pass in order.
+  """
   start = time.monotonic()
-  total = None
+  total, carry, units = None, None, 0
   for index, batch in enumerate(batches):
     if max_batches is not None and index >= max_batches:
       break
-    total = metrics_lib.accumulate(
-        total, eval_step(state, _device_batch(batch, mesh)))
+    if index == 0:
+      carry = _initial_carry(task, state, batch, mesh)
+    sums, carry = eval_step(state, _device_batch(batch, mesh, task), carry)
+    total = metrics_lib.accumulate(total, sums)
+    units += task.units(batch)
   if total is None:
     raise ValueError("the evaluation data produced no batches")
-  summary = metrics_lib.summarize_eval(total)
-  summary["images_per_s"] = summary["samples"] / max(time.monotonic() - start, 1e-9)
+  summary = task.describe(metrics_lib.summarize_eval(total))
+  summary[f"{task.unit}_per_s"] = units / max(time.monotonic() - start, 1e-9)
   return summary
 
 
 def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
         eval_batches: EvalBatches, steps_per_epoch: int, workdir: str,
         meta: Optional[Mapping[str, Any]] = None, mesh: Optional[Mesh] = None,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, task: Task = Classification()) -> dict[str, Any]:
   """Trains ``model`` and writes checkpoints, metrics, a report and plots to ``workdir``.
 
   The metrics go to ``workdir/metrics.jsonl`` (one JSON record per log interval
@@ -72,15 +86,20 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
     model: an NNX module following the model call contract (see
       :mod:`jdeq.train.steps`), freshly initialized; it is not modified.
     config: the training configuration.
-    train_batches: ``start_step -> iterator`` of global batches
-      ``{"image", "label"}`` whose ``k``-th element depends only on ``k``.
-    eval_batches: ``() -> iterable`` of test batches, optionally with ``"mask"``.
+    train_batches: ``start_step -> iterator`` of global batches (``{"image",
+      "label"}`` for classification, the task's ``inputs``) whose ``k``-th element
+      depends only on ``k``.
+    eval_batches: ``() -> iterable`` of evaluation batches, optionally with
+      ``"mask"``.
     steps_per_epoch: training batches per epoch (for epochs-based settings).
     workdir: output directory.
     meta: extra JSON-able information stored in checkpoints and the report
       (typically the experiment configuration).
     mesh: data mesh (default: all devices).
     progress: show a tqdm progress bar.
+    task: what the model computes from a batch and the loss
+      (:mod:`jdeq.train.tasks`; default: classification). A task with a carry
+      starts it from the first training batch and keeps it in the train state.
 
   Returns:
     The report (also written to ``workdir/report.json``).
@@ -102,6 +121,9 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
 
   state = sharding_lib.replicate(
       create_train_state(model, optimizer, seed=config.seed), mesh)
+  if task.carries:  # the carry's shapes come from a batch (they are the same for all)
+    state = state.replace(
+        carry=_initial_carry(task, state, next(iter(train_batches(0))), mesh))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               config.keep_last_k)
   if checkpointer.latest_step() is not None:
@@ -112,64 +134,71 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
   log.write({"kind": "start", "step": start_step, "total_steps": total_steps,
              "devices": mesh.size, "num_params": num_params(state.params)})
 
-  pretrain_step = make_train_step(optimizer, jacobian, unrolled=True, mesh=mesh)
+  pretrain_step = make_train_step(optimizer, jacobian, unrolled=True, mesh=mesh,
+                                  task=task)
   equilibrium_step = make_train_step(optimizer, jacobian, unrolled=False,
                                      regularized=False,
-                                     forward_budget=config.forward_budget, mesh=mesh)
+                                     forward_budget=config.forward_budget, mesh=mesh,
+                                     task=task)
   regularized_step = make_train_step(optimizer, jacobian, unrolled=False,
                                      regularized=True,
-                                     forward_budget=config.forward_budget, mesh=mesh)
+                                     forward_budget=config.forward_budget, mesh=mesh,
+                                     task=task)
   regularized_at = jacobian.regularized_steps(state.rng, total_steps)
-  eval_step = make_eval_step(mesh=mesh)
+  eval_step = make_eval_step(mesh=mesh, task=task)
 
   def run_eval(step: int) -> dict[str, float]:
     summary = evaluate(state, eval_step, eval_batches(), mesh,
-                       max_batches=config.max_eval_batches)
+                       max_batches=config.max_eval_batches, task=task)
     log.write({"kind": "eval", "step": step, **summary})
-    bar.write(f"step {step}: test accuracy {summary['accuracy']:.4f}, loss "
+    bar.write(f"step {step}: eval {_headline(summary)}, loss "
               f"{summary['loss']:.4f}, NFE {summary['fwd_nfe']:.1f}, rel residual "
               f"{summary['residual']:.2e}")
     return summary
 
-  bar = tqdm(total=total_steps, initial=start_step, disable=not progress,
-             dynamic_ncols=True, desc="train")
+  bar = reporting.ProgressBar(total=total_steps, initial=start_step,
+                              disable=not progress, dynamic_ncols=True, desc="train")
   batches = train_batches(start_step)
   interval_total, interval_start, interval_steps = None, time.monotonic(), 0
-  train_seconds, train_images, last_train = 0.0, 0, {}
+  train_seconds, train_units, interval_units, last_train = 0.0, 0, 0, {}
+  throughput = f"{task.unit}_per_s"
   stopped = "completed"
   step = start_step
-  batch_size = 0
   while step < total_steps:
     host_batch = next(batches)
-    batch_size = len(host_batch["label"])
+    interval_units += task.units(host_batch)
     if step < config.pretrain_steps:
       step_fn = pretrain_step
     else:
       step_fn = regularized_step if regularized_at[step] else equilibrium_step
-    state, step_metrics = step_fn(state, _device_batch(host_batch, mesh))
+    state, step_metrics = step_fn(state, _device_batch(host_batch, mesh, task))
     interval_total = metrics_lib.accumulate(interval_total, step_metrics)
     interval_steps += 1
     step += 1
-    over_time = (config.max_minutes is not None and
-                 time.monotonic() - wall_start > 60 * config.max_minutes)
+    # Decided by process 0 at the log steps in a multi-process job (all must stop).
+    over_time = distributed.primary_decides(
+        config.max_minutes is not None and
+        time.monotonic() - wall_start > 60 * config.max_minutes,
+        sync_point=step % config.log_every == 0)
     if step % config.log_every == 0 or step == total_steps or over_time:
-      last_train = metrics_lib.summarize_train(interval_total)  # the host sync
+      # The host sync of the interval.
+      last_train = task.describe(metrics_lib.summarize_train(interval_total))
       elapsed = time.monotonic() - interval_start
       train_seconds += elapsed
-      train_images += interval_steps * batch_size
+      train_units += interval_units
       last_train.update(
-          images_per_s=interval_steps * batch_size / max(elapsed, 1e-9),
+          {throughput: interval_units / max(elapsed, 1e-9)},
           lr=float(schedule(step - 1)), epoch=step / steps_per_epoch,
           mode="unrolled" if step <= config.pretrain_steps else "equilibrium")
       log.write({"kind": "train", "step": step, **last_train})
       bar.update(interval_steps)
       bar.set_postfix(loss=f"{last_train['loss']:.3f}",
-                      acc=f"{last_train['accuracy']:.3f}",
+                      **_progress_quality(last_train),
                       nfe=f"{last_train['fwd_nfe']:.1f}",
                       res=f"{last_train['residual']:.1e}",
                       jac=f"{last_train['jac_loss']:.2e}",
-                      img_s=f"{last_train['images_per_s']:.0f}")
-      interval_total, interval_steps = None, 0
+                      **{f"{task.unit[:3]}_s": f"{last_train[throughput]:.0f}"})
+      interval_total, interval_steps, interval_units = None, 0, 0
     if config.checkpoint_every and step % config.checkpoint_every == 0:
       checkpointer.save(state, meta)
     if (config.eval_every and step % config.eval_every == 0 and step < total_steps
@@ -189,7 +218,8 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
 
   report = {
       "final_test": final,
-      "test_accuracy": final["accuracy"],
+      "test_accuracy": final.get("accuracy"),
+      "test_perplexity": final.get("perplexity"),
       "test_fwd_nfe": final["fwd_nfe"],
       "test_residual": final["residual"],
       "step": step,
@@ -197,7 +227,7 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
       "total_steps": total_steps,
       "stopped": stopped,
       "resumed_from": start_step,
-      "train_images_per_s": train_images / train_seconds if train_seconds else None,
+      f"train_{throughput}": train_units / train_seconds if train_seconds else None,
       "last_train": last_train,
       "wall_time_s": time.monotonic() - wall_start,
       "num_params": num_params(state.params),
@@ -207,8 +237,21 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
   reporting.write_report(os.path.join(workdir, "report.json"), report)
   report["plots"] = reporting.plot_curves(
       reporting.read_records(log.path), workdir)
-  print(f"final test accuracy {final['accuracy']:.4f} | forward NFE "
+  reporting.echo(f"final test {_headline(final)} | forward NFE "
         f"{final['fwd_nfe']:.2f} | rel residual {final['residual']:.3e} | "
-        f"train {report['train_images_per_s'] or 0:.1f} images/s | wall "
+        f"train {report[f'train_{throughput}'] or 0:.1f} {task.unit}/s | wall "
         f"{report['wall_time_s']:.0f} s | {workdir}")
   return report
+
+
+def _headline(summary: Mapping[str, float]) -> str:
+  """The evaluation's quality figure: accuracy, or perplexity for language models."""
+  if "perplexity" in summary:
+    return f"perplexity {summary['perplexity']:.2f}"
+  return f"accuracy {summary['accuracy']:.4f}"
+
+
+def _progress_quality(summary: Mapping[str, float]) -> dict[str, str]:
+  if "perplexity" in summary:
+    return {"ppl": f"{summary['perplexity']:.1f}"}
+  return {"acc": f"{summary['accuracy']:.3f}"}

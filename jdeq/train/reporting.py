@@ -1,5 +1,11 @@
 """What a run leaves behind: a JSON-lines metrics log with its TensorBoard twin, a
-JSON report and PNG plots."""
+JSON report and PNG plots; and what it shows on the console.
+
+In a multi-process job only the primary process (index 0,
+:func:`jdeq.train.distributed.is_primary`) writes these files, shows the progress
+bar and prints: the others run the same code, whose writes here do nothing. Every
+writer takes ``primary=`` to decide explicitly (None: ask the runtime).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,44 @@ import time
 from typing import Any, Iterable, Mapping, Optional
 
 import matplotlib
-import tensorboardX
+from tqdm import tqdm
+
+from jdeq.train import distributed
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _primary(primary: Optional[bool]) -> bool:
+  return distributed.is_primary() if primary is None else bool(primary)
+
+
+def echo(message: str, *, primary: Optional[bool] = None) -> None:
+  """Prints ``message`` on the primary process only.
+
+  Through tqdm, so that a progress bar on the same terminal is redrawn below it.
+  """
+  if _primary(primary):
+    tqdm.write(message)
+
+
+class ProgressBar(tqdm):
+  """A tqdm progress bar shown by the primary process only.
+
+  On the other processes it is disabled and its :meth:`write` prints nothing, so
+  the same loop code runs everywhere without repeating its output per process.
+  """
+
+  def __init__(self, *args: Any, disable: bool = False,
+               primary: Optional[bool] = None, **kwargs: Any):
+    self.primary = _primary(primary)
+    super().__init__(*args, disable=disable or not self.primary, **kwargs)
+
+  def write(self, s: str, file: Any = None, end: str = "\n",
+            nolock: bool = False) -> None:
+    """Prints ``s`` above the bar (tqdm's ``write``) on the primary process only."""
+    if self.primary:
+      tqdm.write(s, file=file, end=end, nolock=nolock)
 
 
 def to_json(value: Any) -> Any:
@@ -71,31 +111,43 @@ class MetricsLog:
   records written after the last checkpoint of a killed run would otherwise
   appear twice once the resumed run reaches those steps again.
 
+  Only the primary process writes: elsewhere the log touches no file and
+  :meth:`write` does nothing (every process may call it with the same records).
+
   Args:
     path: the JSON-lines file.
     resume_step: the step the run restarts from (0 for a fresh run).
     tensorboard_dir: where the event files go; None: no TensorBoard output.
+    primary: whether this process writes (None: :func:`distributed.is_primary`).
   """
 
   def __init__(self, path: str, *, resume_step: int = 0,
-               tensorboard_dir: Optional[str] = None):
+               tensorboard_dir: Optional[str] = None,
+               primary: Optional[bool] = None):
     self.path = path
+    self.primary = _primary(primary)
+    self._tensorboard = None
+    if not self.primary:
+      return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     kept = [r for r in read_records(path) if r.get("step", 0) <= resume_step]
     with open(path, "w") as handle:
       for record in kept:
         handle.write(json.dumps(record) + "\n")
-    self._tensorboard = None
     if tensorboard_dir is not None:
       # The file name holds the time in whole seconds only: two writers started
       # within a second (a quick restart) would share it, and the second would
       # truncate the first's file. The nanosecond suffix keeps them apart and in
       # order (TensorBoard reads a directory's files in name order).
+      # Imported here: jdeq.train works without tensorboardX until events are asked for.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tensorboard = tensorboardX.SummaryWriter(
           tensorboard_dir, purge_step=resume_step + 1 if resume_step else None,
           filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
   def write(self, record: Mapping[str, Any]) -> None:
+    if not self.primary:
+      return
     with open(self.path, "a") as handle:
       handle.write(json.dumps(to_json(record)) + "\n")
     kind, step = record.get("kind"), record.get("step")
@@ -130,8 +182,15 @@ def read_records(path: str) -> list[dict]:
   return records
 
 
-def write_report(path: str, report: Mapping[str, Any]) -> None:
-  """Writes the final report atomically (temporary file, then rename)."""
+def write_report(path: str, report: Mapping[str, Any], *,
+                 primary: Optional[bool] = None) -> None:
+  """Writes the final report atomically (temporary file, then rename).
+
+  Only the primary process writes (``primary``: None asks the runtime); with
+  several writers on one file system their renames would race.
+  """
+  if not _primary(primary):
+    return
   temporary = path + ".tmp"
   with open(temporary, "w") as handle:
     json.dump(to_json(report), handle, indent=2)
@@ -144,13 +203,19 @@ def _series(records: Iterable[dict], kind: str, key: str):
   return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_curves(records: list[dict], directory: str) -> list[str]:
+def plot_curves(records: list[dict], directory: str, *,
+                primary: Optional[bool] = None) -> list[str]:
   """Learning curves and solver statistics over training, as PNG files.
+
+  Only the primary process draws (``primary``: None asks the runtime).
 
   Returns:
     The paths written: ``curves.png`` (train loss; train and test accuracy) and
-    ``solver.png`` (forward NFE; mean and max relative residual, log scale).
+    ``solver.png`` (forward NFE; mean and max relative residual, log scale); empty
+    on the other processes.
   """
+  if not _primary(primary):
+    return []
   paths = []
   figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
   loss_axis.plot(*_series(records, "train", "loss"), label="train")

@@ -6,19 +6,21 @@ replicated (``PartitionSpec()``); the jitted steps declare these shardings and X
 inserts the gradient all-reduce. With one device the mesh has one entry and the
 very same code runs.
 
-Multi-host (several processes, e.g. one per GPU node):
+Multi-host (several processes, e.g. one per GPU node; :mod:`jdeq.train.distributed`):
 
-1. call ``jax.distributed.initialize()`` (coordinator address, process count and
-   id come from the cluster environment or its arguments) before anything else
-   touches JAX;
+1. call :func:`jdeq.train.distributed.initialize` (coordinator address, process
+   count and id come from its arguments or the cluster environment) before
+   anything else touches JAX;
 2. build the mesh from ``jax.devices()``, which then lists the devices of every
    process (:func:`data_mesh` does this);
-3. every process reads the same global batch order (``jdeq.data.train_batches`` is
+3. every process builds the same initial state, and :func:`replicate` checks that
+   they agree before each contributes its devices' copies;
+4. every process reads the same global batch order (``jdeq.data.train_batches`` is
    determined by seed and step) and keeps only its slice
-   ``[process_index · B/P, (process_index + 1) · B/P)``; :func:`shard_batch`
-   assembles the global array from those slices with
+   ``[process_index · B/P, (process_index + 1) · B/P)`` (:func:`process_rows`);
+   :func:`shard_batch` assembles the global array from those slices with
    ``jax.make_array_from_process_local_data``;
-4. checkpoints are written collectively: orbax coordinates the processes, so every
+5. checkpoints are written collectively: orbax coordinates the processes, so every
    process calls save/restore with the same step.
 
 The global batch size must be divisible by the number of devices.
@@ -31,6 +33,8 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jdeq.train import distributed
 
 DATA_AXIS = "data"
 
@@ -51,19 +55,75 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def _is_key(leaf: Any) -> bool:
+  return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+
+
+def _global_replica(leaf: Any, sharding: NamedSharding) -> jax.Array:
+  """A replicated global array from this process's copy of ``leaf``."""
+  if _is_key(leaf):
+    data = _global_replica(jax.random.key_data(leaf), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+  host = np.asarray(leaf)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda index: host[index])
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places every leaf of ``tree`` on all devices of ``mesh``."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places every leaf of ``tree`` on all devices of ``mesh``.
+
+  With several processes each one supplies the copies on its own devices from its
+  local ``tree`` (arrays committed to a local device cannot be moved onto another
+  process's devices); the trees must therefore be equal on every process, which
+  is checked (one digest per process, all-gathered).
+
+  Raises:
+    ValueError: in a multi-process mesh, the processes' trees differ.
+  """
+  sharding = replicated(mesh)
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+  distributed.assert_same_on_all_processes(tree, "the replicated state")
+  return jax.tree.map(lambda leaf: _global_replica(leaf, sharding), tree)
+
+
+def process_rows(mesh: Mesh, global_size: int) -> slice:
+  """The rows of a global batch of ``global_size`` that this process feeds.
+
+  They are the rows that :func:`batch_sharding` places on this process's devices
+  of ``mesh``: ``[p·B/P, (p + 1)·B/P)`` for process ``p`` of ``P`` when each
+  process's devices are adjacent in the mesh (as :func:`data_mesh` builds it from
+  ``jax.devices()``), all rows in a single process.
+
+  Raises:
+    ValueError: this process's devices hold no rows or a non-contiguous set of
+      rows (its devices are not adjacent in the mesh).
+  """
+  indices = batch_sharding(mesh).addressable_devices_indices_map((global_size,))
+  spans = sorted({index[0].indices(global_size)[:2] for index in indices.values()})
+  if not spans:
+    raise ValueError("this process has no devices in the data mesh")
+  start, stop = spans[0][0], spans[-1][1]
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(
+        f"the devices of process {jax.process_index()} hold rows {spans} of the "
+        "batch, not one contiguous block: order the mesh's devices so that each "
+        "process's devices are adjacent (as jax.devices() lists them)")
+  return slice(start, stop)
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Turns a global host batch into arrays sharded along the batch axis.
 
-  Each process contributes its contiguous slice of the global batch, so the same
-  call is correct on one host and on many.
+  Every process passes the same global batch (the data contract makes batch ``k``
+  a function of ``k``) and contributes only its rows (:func:`process_rows`), so
+  the same call is correct on one host and on many; each process reads the whole
+  batch but copies only its slice to its devices.
+
+  Raises:
+    ValueError: a field's leading size is not divisible by the mesh's devices.
   """
   sharding = batch_sharding(mesh)
-  process_count, process_index = jax.process_count(), jax.process_index()
   out = {}
   for name, value in batch.items():
     value = np.asarray(value)
@@ -72,8 +132,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
       raise ValueError(
           f"batch size {global_size} (field {name!r}) is not divisible by the "
           f"{mesh.size} devices of the data mesh")
-    local = global_size // process_count
-    local_value = value[process_index * local:(process_index + 1) * local]
+    local_value = value[process_rows(mesh, global_size)]
     out[name] = jax.make_array_from_process_local_data(sharding, local_value,
                                                        value.shape)
   return out

@@ -29,6 +29,9 @@ class TrainState:
     step: int32 scalar, optimizer steps taken.
     rng: the training key; step ``t`` uses ``fold_in(rng, t)`` (regularization draw,
       budget jitter), so no key needs to be threaded from step to step.
+    carry: what the task carries from one training batch to the next (a language
+      model's segment memory; None for classification), checkpointed with the
+      rest so that a resumed run continues exactly.
   """
   graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
   params: Any
@@ -36,6 +39,7 @@ class TrainState:
   opt_state: Any
   step: jax.Array
   rng: jax.Array
+  carry: Any = None
 
   def model(self) -> nnx.Module:
     """A fresh NNX module holding the current parameters and state."""
@@ -43,11 +47,14 @@ class TrainState:
 
 
 def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
-                       *, seed: int) -> TrainState:
-  """Splits ``model`` and initializes the optimizer; the model is not modified."""
+                       *, seed: int, carry: Any = None) -> TrainState:
+  """Splits ``model`` and initializes the optimizer; the model is not modified.
+
+  ``carry`` is the task's initial carry (see :class:`jdeq.train.tasks.Task`).
+  """
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   return TrainState(graphdef=graphdef, params=params, model_state=model_state,
                     opt_state=optimizer.init(params),
                     step=jax.numpy.zeros((), jax.numpy.int32),
-                    rng=jax.random.key(seed))
+                    rng=jax.random.key(seed), carry=carry)
 

@@ -1,8 +1,12 @@
 """The jitted train and evaluation steps.
 
-The model is called through the model contract only:
-``logits, aux = model(images, train=..., unrolled=..., budget=..., jac_probes=...)``
+The model is called through a :class:`~jdeq.train.tasks.Task` (by default
+:class:`~jdeq.train.tasks.Classification`, the model contract
+``logits, aux = model(images, train=..., unrolled=..., budget=..., jac_probes=...)``),
 with ``aux.stats`` a :class:`jdeq.SolverStats` and ``aux.jac_loss`` a ``(B,)`` array.
+A task with a carry (a language model's segment memory) keeps it in
+``TrainState.carry`` across training steps and threads it through the evaluation
+steps, which take and return it.
 
 The loop compiles the unrolled ("pretraining") step and the equilibrium step, and
 switches from the first to the second after ``pretrain_steps``. With Jacobian
@@ -29,10 +33,11 @@ from jdeq.train import metrics as metrics_lib
 from jdeq.train import sharding as sharding_lib
 from jdeq.train.regularization import JacobianSchedule
 from jdeq.train.state import TrainState
+from jdeq.train.tasks import Classification, Task
 
 Batch = Mapping[str, jax.Array]
 TrainStep = Callable[[TrainState, Batch], tuple[TrainState, metrics_lib.StepMetrics]]
-EvalStep = Callable[[TrainState, Batch], metrics_lib.EvalSums]
+EvalStep = Callable[[TrainState, Batch, Any], tuple[metrics_lib.EvalSums, Any]]
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -60,7 +65,8 @@ def make_train_step(optimizer: optax.GradientTransformation,
                     jacobian: JacobianSchedule, *, unrolled: bool,
                     regularized: Optional[bool] = None,
                     forward_budget: Optional[int] = None,
-                    mesh: Optional[Mesh] = None, donate: bool = True) -> TrainStep:
+                    mesh: Optional[Mesh] = None, donate: bool = True,
+                    task: Task = Classification()) -> TrainStep:
   """Builds ``train_step(state, batch) -> (state, StepMetrics)``, jitted.
 
   Args:
@@ -77,11 +83,13 @@ def make_train_step(optimizer: optax.GradientTransformation,
       None: a mesh over all local devices.
     donate: reuse the input state's buffers for the output (the caller must not
       touch the old state afterwards).
+    task: what the model computes from the batch and the loss (default:
+      classification); a task's carry is read from and written to ``state.carry``.
 
   Bad data is handled as data, inside the compiled step: a step whose input
-  images, loss or gradient hold a NaN or an infinity is *skipped* — the
-  parameters, the whole optimizer state (its step count included) and the
-  floating model variables (batch statistics) keep their old values through a
+  inputs, loss or gradient hold a NaN or an infinity is *skipped* — the
+  parameters, the whole optimizer state (its step count included), the carry and
+  the floating model variables (batch statistics) keep their old values through a
   select (``jnp.where``), the train-state step counter and the RNG streams
   advance — and it reports ``nonfinite = 1`` and ``count = 0``, so the interval means cover the applied steps only. (The solve
   itself flags such samples ``diverged`` in its statistics.) A solve that does not
@@ -98,17 +106,15 @@ def make_train_step(optimizer: optax.GradientTransformation,
     def forward(params, jac_probes, budget, penalty_weight):
       # copy=True: fresh Variables owned by this trace (the RNG counts mutate).
       model = nnx.merge(state.graphdef, params, state.model_state, copy=True)
-      logits, aux = model(batch["image"], train=True, unrolled=unrolled,
-                          budget=budget, jac_probes=jac_probes)
+      out = task.forward(model, batch, state.carry, train=True, unrolled=unrolled,
+                         budget=budget, jac_probes=jac_probes)
       _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-      loss_sum, correct, weight = metrics_lib.classification_sums(
-          logits, batch["label"])
-      weight = jnp.maximum(weight, 1.0)
-      task_loss = loss_sum / weight
-      jac_loss = jnp.mean(aux.jac_loss).astype(jnp.float32)
+      weight = jnp.maximum(out.weight, 1.0)
+      task_loss = out.loss_sum / weight
+      jac_loss = jnp.mean(out.aux.jac_loss).astype(jnp.float32)
       total = task_loss + penalty_weight * jac_loss
-      return total, (task_loss, correct / weight, jac_loss, aux.stats,
-                     new_model_state)
+      return total, (task_loss, out.correct / weight, jac_loss, out.aux.stats,
+                     new_model_state, out.carry)
 
     def plain(params):
       return forward(params, 0, budget, 0.0)
@@ -123,17 +129,17 @@ def make_train_step(optimizer: optax.GradientTransformation,
         return regularized_loss(params)
       return jax.lax.cond(regularize, regularized_loss, plain, params)
 
-    grads, (task_loss, accuracy, jac_loss, stats, new_model_state) = jax.grad(
-        loss_fn, has_aux=True)(state.params)
+    grads, (task_loss, accuracy, jac_loss, stats, new_model_state,
+            new_carry) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    finite = (_all_finite(batch["image"]) & jnp.isfinite(task_loss)
-              & _all_finite(grads))
+    finite = (_all_finite(batch) & jnp.isfinite(task_loss) & _all_finite(grads))
     new_state = state.replace(
         params=_keep_if(finite, new_params, state.params),
         opt_state=_keep_if(finite, new_opt_state, state.opt_state),
         model_state=_keep_if(finite, new_model_state, state.model_state,
                              floating_only=True),
+        carry=_keep_if(finite, new_carry, state.carry),
         step=state.step + 1)
 
     nfe, residual, residual_max, converged, samples = metrics_lib.solver_summary(stats)
@@ -163,7 +169,7 @@ def make_train_step(optimizer: optax.GradientTransformation,
 
 def evaluate_model(state: TrainState, batch: Batch,
                    budget: Optional[jax.Array] = None):
-  """The model in evaluation mode on ``batch``: ``(logits, aux, sample_mask)``.
+  """The classifier in evaluation mode on ``batch``: ``(logits, aux, sample_mask)``.
 
   ``budget`` hard-stops the forward solve (traced; no recompilation per value).
   The mask is the batch's ``"mask"`` (padded samples 0) or all ones.
@@ -171,32 +177,36 @@ def evaluate_model(state: TrainState, batch: Batch,
   model = nnx.merge(state.graphdef, state.params, state.model_state, copy=True)
   logits, aux = model(batch["image"], train=False, unrolled=False, budget=budget,
                       jac_probes=0)
-  mask = batch.get("mask")
-  if mask is None:
-    mask = jnp.ones(batch["label"].shape[:1], jnp.float32)
-  return logits, aux, mask
+  return logits, aux, Classification().sample_mask(batch)
 
 
-def make_eval_step(*, mesh: Optional[Mesh] = None) -> EvalStep:
-  """Builds ``eval_step(state, batch) -> EvalSums``, jitted.
+def make_eval_step(*, mesh: Optional[Mesh] = None,
+                   task: Task = Classification()) -> EvalStep:
+  """Builds ``eval_step(state, batch, carry) -> (EvalSums, carry)``, jitted.
 
   The model runs with ``train=False`` (no dropout, the evaluation solver budget).
   The batch may carry ``"mask"`` (1 real, 0 padding) for the padded last batch;
-  padded samples add nothing to any sum.
+  padded samples add nothing to any sum. ``carry`` is the task's state between
+  the batches of one pass (None for classification; see
+  :meth:`Task.init_carry`).
   """
 
-  def eval_fn(state: TrainState, batch: Batch) -> metrics_lib.EvalSums:
-    logits, aux, mask = evaluate_model(state, batch)
-    loss, correct, weight = metrics_lib.classification_sums(
-        logits, batch["label"], mask)
+  def eval_fn(state: TrainState, batch: Batch, carry: Any):
+    model = nnx.merge(state.graphdef, state.params, state.model_state, copy=True)
+    out = task.forward(model, batch, carry, train=False, unrolled=False,
+                       budget=None, jac_probes=0)
+    mask = task.sample_mask(batch)
     nfe, residual, residual_max, converged, samples = metrics_lib.solver_summary(
-        aux.stats, mask)
-    return metrics_lib.EvalSums(loss=loss, correct=correct, weight=weight,
-                                samples=samples, fwd_nfe=nfe, residual=residual,
-                                residual_max=residual_max, converged=converged)
+        out.aux.stats, mask)
+    sums = metrics_lib.EvalSums(loss=out.loss_sum, correct=out.correct,
+                                weight=out.weight, samples=samples, fwd_nfe=nfe,
+                                residual=residual, residual_max=residual_max,
+                                converged=converged)
+    return sums, out.carry
 
   mesh = sharding_lib.data_mesh() if mesh is None else mesh
   replicated = sharding_lib.replicated(mesh)
   return jax.jit(eval_fn,
-                 in_shardings=(replicated, sharding_lib.batch_sharding(mesh)),
+                 in_shardings=(replicated, sharding_lib.batch_sharding(mesh),
+                               replicated),
                  out_shardings=replicated)
