@@ -14,7 +14,9 @@ from jdeq import train
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAPER_EXPERIMENTS = ("mnist_convdeq", "mdeq_cifar_tiny", "mdeq_cifar_tiny_20min",
                      "mdeq_cifar_large", "mdeq_imagenet_small", "mdeq_imagenet_large",
-                     "mdeq_cityscapes_small", "mdeq_cityscapes_large")
+                     "mdeq_cityscapes_small", "mdeq_cityscapes_large",
+                     "deq_transformer_wt103_postln", "deq_transformer_wt103_postln_jr",
+                     "deq_transformer_wt103_preln_jr", "deq_transformer_wt2_small")
 
 
 def _data_available():

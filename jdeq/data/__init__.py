@@ -45,8 +45,8 @@ from jdeq.data.specs import (CITYSCAPES_LABEL_ID_TO_TRAIN_ID, IGNORE_LABEL,
                              register)
 from jdeq.data.text import (TextDataConfig, TextDataNotFoundError, TextInfo, Vocabulary,
                             build_vocabulary, clear_text_cache, list_text_datasets,
-                            lm_eval_batches, lm_train_batches, text_info, token_ids,
-                            vocabulary)
+                            lm_eval_batches, lm_train_batches, stream_eval_batches,
+                            stream_train_batches, text_info, token_ids, vocabulary)
 
 __all__ = (
     "ArrayCacheError", "CITYSCAPES_LABEL_ID_TO_TRAIN_ID", "CropFlip", "DataConfig",
@@ -57,5 +57,6 @@ __all__ = (
     "resolve_data_dir", "sample_crop_flip", "steps_per_epoch", "train_batches",
     "TextDataConfig", "TextDataNotFoundError", "TextInfo", "Vocabulary",
     "build_vocabulary", "clear_text_cache", "list_text_datasets", "lm_eval_batches",
-    "lm_train_batches", "text_info", "token_ids", "vocabulary",
+    "lm_train_batches", "stream_eval_batches", "stream_train_batches", "text_info",
+    "token_ids", "vocabulary",
 )

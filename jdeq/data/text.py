@@ -531,16 +531,29 @@ def lm_train_batches(cfg: TextDataConfig, start_step: int = 0) -> Iterator[dict]
   Raises:
     ValueError: ``start_step < 0``, or the stream is too short for one segment.
   """
+  return stream_train_batches(_corpus(cfg).ids["train"], cfg.batch_size, cfg.tgt_len,
+                              start_step, name=f"{cfg.name} train split")
+
+
+def stream_train_batches(ids: np.ndarray, batch_size: int, tgt_len: int,
+                         start_step: int = 0, *,
+                         name: str = "token stream") -> Iterator[dict]:
+  """:func:`lm_train_batches` over an in-memory token stream ``ids`` (same cut).
+
+  Raises:
+    ValueError: ``start_step < 0``, or the stream is too short for one segment
+      (the message names the stream as ``name``).
+  """
   if not _is_int(start_step) or start_step < 0:
     raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
-  data = columns(_corpus(cfg).ids["train"], cfg.batch_size)
-  steps = _train_steps(data.shape[1], cfg.tgt_len)
+  data = columns(ids, batch_size)
+  steps = _train_steps(data.shape[1], tgt_len)
   if steps == 0:
     raise ValueError(
-        f"{cfg.name} train split ({data.size} tokens after trimming) is too short "
-        f"for one segment of batch_size={cfg.batch_size}, tgt_len={cfg.tgt_len}: "
-        f"each column needs tgt_len + 1 = {cfg.tgt_len + 1} tokens")
-  return _train_iterator(data, steps, cfg.tgt_len, int(start_step))
+        f"{name} ({data.size} tokens after trimming) is too short for one segment "
+        f"of batch_size={batch_size}, tgt_len={tgt_len}: each column needs "
+        f"tgt_len + 1 = {tgt_len + 1} tokens")
+  return _train_iterator(data, steps, tgt_len, int(start_step))
 
 
 def _train_iterator(data: np.ndarray, steps: int, length: int,
@@ -572,12 +585,23 @@ def lm_eval_batches(cfg: TextDataConfig, split: str) -> Iterator[dict]:
     token and target 0 and mask 0.
   """
   _check_split(split)
-  data = columns(_corpus(cfg).ids[split], cfg.eval_batch_size)
+  return stream_eval_batches(_corpus(cfg).ids[split], cfg.eval_batch_size,
+                             cfg.eval_len, name=f"{cfg.name} {split} split")
+
+
+def stream_eval_batches(ids: np.ndarray, batch_size: int, tgt_len: int, *,
+                        name: str = "token stream") -> Iterator[dict]:
+  """:func:`lm_eval_batches` over an in-memory token stream ``ids`` (same cut).
+
+  Raises:
+    ValueError: the stream leaves a column fewer than 2 tokens.
+  """
+  data = columns(ids, batch_size)
   if data.shape[1] < 2:
     raise ValueError(
-        f"{cfg.name} {split} split ({len(_corpus(cfg).ids[split])} tokens) is too "
-        f"short for eval_batch_size={cfg.eval_batch_size}: each column needs 2 tokens")
-  return _eval_iterator(data, cfg.eval_len)
+        f"{name} ({len(ids)} tokens) is too short for eval_batch_size={batch_size}: "
+        f"each column needs 2 tokens")
+  return _eval_iterator(data, tgt_len)
 
 
 def _eval_iterator(data: np.ndarray, length: int) -> Iterator[dict]:

@@ -118,6 +118,7 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
   optimizer = make_optimizer(config, schedule)
   jacobian = JacobianSchedule.from_config(config, steps_per_epoch)
   meta = reporting.to_json(dict(meta or {}, train=config))
+  eval_split = meta.get("eval_split", "test")
 
   state = sharding_lib.replicate(
       create_train_state(model, optimizer, seed=config.seed), mesh)
@@ -192,12 +193,15 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
           mode="unrolled" if step <= config.pretrain_steps else "equilibrium")
       log.write({"kind": "train", "step": step, **last_train})
       bar.update(interval_steps)
-      bar.set_postfix(loss=f"{last_train['loss']:.3f}",
-                      **_progress_quality(last_train),
-                      nfe=f"{last_train['fwd_nfe']:.1f}",
-                      res=f"{last_train['residual']:.1e}",
-                      jac=f"{last_train['jac_loss']:.2e}",
-                      **{f"{task.unit[:3]}_s": f"{last_train[throughput]:.0f}"})
+      postfix = dict(loss=f"{last_train['loss']:.3f}", **_progress_quality(last_train),
+                     nfe=f"{last_train['fwd_nfe']:.1f}",
+                     res=f"{last_train['residual']:.1e}",
+                     jac=f"{last_train['jac_loss']:.2e}",
+                     **{f"{task.unit[:3]}_s": f"{last_train[throughput]:.0f}"})
+      bar.set_postfix(**postfix)
+      if not progress:  # without a bar, the log interval is a printed line
+        bar.write(f"step {step}/{total_steps}: " +
+                  " ".join(f"{key} {value}" for key, value in postfix.items()))
       interval_total, interval_steps, interval_units = None, 0, 0
     if config.checkpoint_every and step % config.checkpoint_every == 0:
       checkpointer.save(state, meta)
@@ -237,7 +241,7 @@ def fit(model: nnx.Module, config: TrainConfig, *, train_batches: TrainBatches,
   reporting.write_report(os.path.join(workdir, "report.json"), report)
   report["plots"] = reporting.plot_curves(
       reporting.read_records(log.path), workdir)
-  reporting.echo(f"final test {_headline(final)} | forward NFE "
+  reporting.echo(f"final {eval_split} {_headline(final)} | forward NFE "
         f"{final['fwd_nfe']:.2f} | rel residual {final['residual']:.3e} | "
         f"train {report[f'train_{throughput}'] or 0:.1f} {task.unit}/s | wall "
         f"{report['wall_time_s']:.0f} s | {workdir}")

@@ -210,20 +210,27 @@ def plot_curves(records: list[dict], directory: str, *,
   Only the primary process draws (``primary``: None asks the runtime).
 
   Returns:
-    The paths written: ``curves.png`` (train loss; train and test accuracy) and
+    The paths written: ``curves.png`` (train loss; train and test accuracy, or
+    train and validation perplexity for a language model) and
     ``solver.png`` (forward NFE; mean and max relative residual, log scale); empty
     on the other processes.
   """
   if not _primary(primary):
     return []
   paths = []
+  # A language model reports perplexity (log scale) where a classifier reports
+  # accuracy, and is evaluated on its validation split.
+  quality = ("perplexity" if any("perplexity" in r for r in records)
+             else "accuracy")
+  evaluated = "valid" if quality == "perplexity" else "test"
   figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
   loss_axis.plot(*_series(records, "train", "loss"), label="train")
-  loss_axis.plot(*_series(records, "eval", "loss"), "o-", label="test")
+  loss_axis.plot(*_series(records, "eval", "loss"), "o-", label=evaluated)
   loss_axis.set(xlabel="step", ylabel="cross-entropy", title="loss")
-  accuracy_axis.plot(*_series(records, "train", "accuracy"), label="train")
-  accuracy_axis.plot(*_series(records, "eval", "accuracy"), "o-", label="test")
-  accuracy_axis.set(xlabel="step", ylabel="accuracy", title="accuracy")
+  accuracy_axis.plot(*_series(records, "train", quality), label="train")
+  accuracy_axis.plot(*_series(records, "eval", quality), "o-", label=evaluated)
+  accuracy_axis.set(xlabel="step", ylabel=quality, title=quality,
+                    yscale="log" if quality == "perplexity" else "linear")
   for axis in (loss_axis, accuracy_axis):
     axis.legend()
     axis.grid(alpha=0.3)
@@ -234,12 +241,13 @@ def plot_curves(records: list[dict], directory: str, *,
 
   figure, (nfe_axis, residual_axis) = plt.subplots(1, 2, figsize=(10, 4))
   nfe_axis.plot(*_series(records, "train", "fwd_nfe"), label="train")
-  nfe_axis.plot(*_series(records, "eval", "fwd_nfe"), "o-", label="test")
+  nfe_axis.plot(*_series(records, "eval", "fwd_nfe"), "o-", label=evaluated)
   nfe_axis.set(xlabel="step", ylabel="map evaluations", title="forward NFE")
   residual_axis.plot(*_series(records, "train", "residual"), label="train mean")
   residual_axis.plot(*_series(records, "train", "residual_max"), label="train max",
                      alpha=0.5)
-  residual_axis.plot(*_series(records, "eval", "residual"), "o-", label="test mean")
+  residual_axis.plot(*_series(records, "eval", "residual"), "o-",
+                     label=f"{evaluated} mean")
   residual_axis.set(xlabel="step", ylabel="‖f(z)−z‖/‖f(z)‖",
                     title="relative residual at z*", yscale="log")
   for axis in (nfe_axis, residual_axis):

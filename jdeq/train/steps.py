@@ -167,19 +167,6 @@ def make_train_step(optimizer: optax.GradientTransformation,
                  donate_argnums=(0,) if donate else ())
 
 
-def evaluate_model(state: TrainState, batch: Batch,
-                   budget: Optional[jax.Array] = None):
-  """The classifier in evaluation mode on ``batch``: ``(logits, aux, sample_mask)``.
-
-  ``budget`` hard-stops the forward solve (traced; no recompilation per value).
-  The mask is the batch's ``"mask"`` (padded samples 0) or all ones.
-  """
-  model = nnx.merge(state.graphdef, state.params, state.model_state, copy=True)
-  logits, aux = model(batch["image"], train=False, unrolled=False, budget=budget,
-                      jac_probes=0)
-  return logits, aux, Classification().sample_mask(batch)
-
-
 def make_eval_step(*, mesh: Optional[Mesh] = None,
                    task: Task = Classification()) -> EvalStep:
   """Builds ``eval_step(state, batch, carry) -> (EvalSums, carry)``, jitted.

@@ -37,7 +37,8 @@ class TinyDEQClassifier(nnx.Module):
     self.head = nnx.Linear(width, num_classes, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.rngs = rngs
-    self.solver = jdeq.Anderson(max_iter=max_iter, tol=1e-4)
+    # ``solver`` replaces the default (e.g. one that records residual traces).
+    self.solver = solver or jdeq.Anderson(max_iter=max_iter, tol=1e-4)
     self.eval_solver = jdeq.Anderson(max_iter=max_iter + 2, tol=1e-4)
 
   def __call__(self, images: jax.Array, train: bool = True, unrolled: bool = False,
@@ -127,13 +128,15 @@ class TinyDEQLanguageModel(nnx.Module):
   """
 
   def __init__(self, vocab_size: int, *, width: int = 16, mem_len: int = 4,
-               max_iter: int = 12, rngs: nnx.Rngs):
+               max_iter: int = 12, solver: Optional[jdeq.Anderson] = None,
+               rngs: nnx.Rngs):
     self.embed = nnx.Embed(vocab_size, width, rngs=rngs)
     self.cell = nnx.Linear(width, width, use_bias=False, rngs=rngs,
                            kernel_init=nnx.initializers.normal(0.3 / np.sqrt(width)))
     self.rngs = rngs
     self.width, self.mem_len = width, mem_len
-    self.solver = jdeq.Anderson(max_iter=max_iter, tol=1e-4)
+    # ``solver`` replaces the default (e.g. one that records residual traces).
+    self.solver = solver or jdeq.Anderson(max_iter=max_iter, tol=1e-4)
 
   def init_memory(self, batch_size: int) -> TinyMemory:
     return TinyMemory(jnp.zeros((batch_size, self.mem_len, self.width)),

@@ -1,0 +1,1 @@
+"""The JR paper's DEQ-Transformer study at CPU scale (``python -m experiments.jacreg_lm.main``)."""
