@@ -37,8 +37,7 @@ class TinyDEQClassifier(nnx.Module):
     self.head = nnx.Linear(width, num_classes, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.rngs = rngs
-    # ``solver`` replaces the default (e.g. one that records residual traces).
-    self.solver = solver or jdeq.Anderson(max_iter=max_iter, tol=1e-4)
+    self.solver = jdeq.Anderson(max_iter=max_iter, tol=1e-4)
     self.eval_solver = jdeq.Anderson(max_iter=max_iter + 2, tol=1e-4)
 
   def __call__(self, images: jax.Array, train: bool = True, unrolled: bool = False,
