@@ -18,6 +18,8 @@ QUICK = dict(solver=jdeq.Anderson(max_iter=12, tol=1e-3),
 @pytest.mark.parametrize("name,overrides", [
     ("mlp_deq_mnist", dict(width=16, hidden=24, dropout=0.1)),
     ("conv_deq_mnist", dict(channels=8, inner_channels=16, num_groups=4, dropout=0.1)),
+    ("conv_deq_mnist", dict(channels=8, inner_channels=16, num_groups=4, pool=2,
+                            stem_stride=2, head_width=16)),
 ])
 def test_mnist_cells_forward_backward(name, overrides):
   model = models.create(name, rngs=nnx.Rngs(0), **overrides, **QUICK)
@@ -56,3 +58,5 @@ def test_registry_lists_creates_and_validates():
     models.register("unused_name", object())
   with pytest.raises(ValueError, match="pool"):
     cells.ConvDEQConfig(pool=5)
+  with pytest.raises(ValueError, match="head_width"):
+    cells.ConvDEQConfig(head_width=-1)

@@ -175,7 +175,7 @@ class MLPDEQConfig(SmallDEQConfig):
 
 @config
 class ConvDEQConfig(SmallDEQConfig):
-  """A conv DEQ classifier: conv–BN stem → DEQ(ConvCell) → BN, pool, Linear.
+  """A conv DEQ classifier: conv–BN stem → DEQ(ConvCell) → BN, ReLU, pool, Linear.
 
   Attributes:
     channels: state channels.
@@ -185,6 +185,8 @@ class ConvDEQConfig(SmallDEQConfig):
       the resolution (4x cheaper per iteration).
     pool: average-pooling window (and stride) of the head, on the state map (it
       must divide the state's height and width).
+    head_width: width of a hidden ReLU layer between the pooled features and the
+      classifier; 0 (the default) feeds the pooled features to it directly.
     (and the fields of :class:`SmallDEQConfig`)
   """
   channels: int = 48
@@ -192,6 +194,7 @@ class ConvDEQConfig(SmallDEQConfig):
   num_groups: int = 8
   stem_stride: int = 1
   pool: int = 7
+  head_width: int = 0
 
   def __post_init__(self) -> None:
     super().__post_init__()
@@ -200,6 +203,8 @@ class ConvDEQConfig(SmallDEQConfig):
     require_positive(self, channels=self.channels,
                      inner_channels=self.inner_channels, num_groups=self.num_groups,
                      pool=self.pool)
+    require(self.head_width >= 0, self,
+            f"head_width must be 0 or positive, got {self.head_width!r}")
     require(self.stem_stride in (1, 2), self,
             f"stem_stride must be 1 or 2, got {self.stem_stride!r}")
     state_size = [-(-size // self.stem_stride) for size in self.image_shape[:2]]
@@ -213,7 +218,8 @@ class ConvDEQConfig(SmallDEQConfig):
     cell = ConvCell(self.channels, self.inner_channels, num_groups=self.num_groups,
                     dropout=self.dropout, rngs=rngs)
     pooled = (height // self.pool) * (width // self.pool) * self.channels
-    head = _ConvHead(self.channels, self.pool, pooled, self.num_classes, rngs=rngs)
+    head = _ConvHead(self.channels, self.pool, pooled, self.num_classes,
+                     hidden=self.head_width, rngs=rngs)
     return self.classifier(stem, cell, head, rngs=rngs)
 
 
@@ -247,17 +253,22 @@ class _ConvStem(nnx.Module):
 
 
 class _ConvHead(nnx.Module):
+  """BN → ReLU → average pooling → [Linear → ReLU] → Linear, as ResNet heads."""
+
   def __init__(self, channels: int, pool: int, pooled_features: int, num_classes: int,
-               *, rngs: nnx.Rngs):
+               *, hidden: int = 0, rngs: nnx.Rngs):
     self.pool = pool
     self.norm = nnx.BatchNorm(channels, momentum=0.9, epsilon=nn.NORM_EPSILON, rngs=rngs)
-    self.linear = nnx.Linear(pooled_features, num_classes, rngs=rngs)
+    self.hidden = (nnx.Linear(pooled_features, hidden, rngs=rngs) if hidden else None)
+    self.linear = nnx.Linear(hidden or pooled_features, num_classes, rngs=rngs)
 
   def __call__(self, z, *, train):
-    y = self.norm(z, use_running_average=not train)
+    y = jax.nn.relu(self.norm(z, use_running_average=not train))
     window = (self.pool, self.pool)
-    y = nnx.avg_pool(y, window, strides=window)
-    return self.linear(y.reshape(y.shape[0], -1))
+    y = nnx.avg_pool(y, window, strides=window).reshape(z.shape[0], -1)
+    if self.hidden is not None:
+      y = jax.nn.relu(self.hidden(y))
+    return self.linear(y)
 
 
 register("mlp_deq_mnist", MLPDEQConfig())
