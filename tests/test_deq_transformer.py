@@ -204,7 +204,10 @@ def test_memory_is_stop_gradient_and_training_reads_f_of_z_star():
 
   assert bool(jnp.all(aux.stats.converged)), aux.stats.rel_residual
   z_star, f_star = equilibrium_and_map(model)
-  np.testing.assert_allclose(hidden, f_star, atol=1e-4)
+  # The two solves stop at rel. residual 1e-6 on ‖f(z) − z‖, which bounds ‖z − z*‖
+  # only up to ‖(I − J)⁻¹‖: on this random, weakly contractive cell the training and
+  # evaluation solves land up to ~3e-4 apart depending on the CPU's float order.
+  np.testing.assert_allclose(hidden, f_star, atol=1e-3)
   assert float(jnp.abs(hidden - z_star).max()) > 0  # one more application, not z*
 
 
