@@ -13,8 +13,8 @@ Sized for 2 CPU cores: the state lives at 14x14 (stride-2 stem), the cell is
 narrower than the registered default, the head has a hidden ReLU layer of 128
 (a linear readout of the pooled state stopped at 98.7–98.9%), the backward pass
 is a cheap phantom gradient, and the schedule is 1.5 epochs. A short unrolled
-warm-up stabilizes the first steps. ``max_minutes`` is a safety stop on slower machines: the run then
-stops early, evaluates and reports.
+warm-up stabilizes the first steps. ``max_minutes`` is a safety stop on slower
+machines: the run then stops early, evaluates and reports.
 """
 
 from experiments.configs import register
@@ -44,6 +44,7 @@ def mnist_convdeq() -> ExperimentConfig:
                         checkpoint_every=200, max_minutes=5.0),
       description="conv_deq_mnist (stride-2 stem, 24/48 channels, 2x2-pooled "
                   "head with a hidden ReLU layer of 128, phantom gradients) with "
-                  "Jacobian regularization (γ 0.5 on 30% of the steps), Adam 2e-3 with cosine decay over 1.5 epochs, "
+                  "Jacobian regularization (γ 0.5 on 30% of the steps), Adam 2e-3 "
+                  "with cosine decay over 1.5 epochs, "
                   "batch 64, 100 unrolled warm-up steps; tested at its equilibrium "
                   "(Anderson, up to 14 iterations to relative residual 1e-3).")

@@ -24,6 +24,6 @@ from jdeq.models.registry import (ModelConfig, Reference, create, get_config,
 
 __all__ = (
     "ConvDEQConfig", "DEQTransformerConfig", "DEQTransformerLM", "MDEQ", "MDEQCell",
-    "MDEQConfig", "MLPDEQConfig", "ModelConfig", "Reference", "SmallDEQConfig", "create", "get_config", "list_configs", "reference",
-    "register",
+    "MDEQConfig", "MLPDEQConfig", "ModelConfig", "Reference", "SmallDEQConfig",
+    "create", "get_config", "list_configs", "reference", "register",
 )

@@ -175,7 +175,7 @@ class MLPDEQConfig(SmallDEQConfig):
 
 @config
 class ConvDEQConfig(SmallDEQConfig):
-  """A conv DEQ classifier: conv–BN stem → DEQ(ConvCell) → BN, ReLU, pool, Linear.
+  """A conv DEQ classifier: conv–BN stem → DEQ(ConvCell) → BN, ReLU, pool, [Linear, ReLU,] Linear.
 
   Attributes:
     channels: state channels.
