@@ -1,7 +1,9 @@
 """jdeq: deep equilibrium models in JAX.
 
 The core (this namespace) is pure JAX: fixed-point solvers, the differentiable
-equilibrium with its gradient modes, and Jacobian diagnostics. Flax modules live in
+equilibrium with its gradient modes, fixed-point correction (differentiable states
+of one solve, :func:`fixed_point_states`, and their weighted loss,
+:func:`correction_loss`), and Jacobian diagnostics. Flax modules live in
 :mod:`jdeq.nn` and :mod:`jdeq.models`, input pipelines in :mod:`jdeq.data`, training
 in :mod:`jdeq.train`, experiments (model + data + training) in :mod:`jdeq.experiment`.
 
@@ -14,6 +16,7 @@ batched pytrees (:func:`per_sample_sum`, :func:`per_sample_dot`,
 
 from jdeq._src.batched_tree import per_sample_dot, per_sample_norm, per_sample_sum
 from jdeq._src.config import config, require, require_choice, require_positive
+from jdeq._src.correction import correction_indices, correction_loss, fixed_point_states
 from jdeq._src.fixed_point import fixed_point
 from jdeq._src.gradients import (IFT, JFB, BackwardSolver, GradientMode, Krylov, Phantom,
                                  Unrolled)
@@ -29,7 +32,8 @@ __version__ = "0.1.0"
 __all__ = (
     "AbstractSolver", "Anderson", "BackwardSolver", "Broyden", "FixedPointIteration",
     "GradientMode", "IFT", "JFB", "Krylov", "Phantom", "SolverStats", "Unrolled",
-    "backward_stats", "backward_stats_probe", "config", "fixed_point",
+    "backward_stats", "backward_stats_probe", "config", "correction_indices",
+    "correction_loss", "fixed_point", "fixed_point_states",
     "jacobian_fro_sq", "per_sample_dot", "per_sample_norm", "per_sample_sum",
     "require", "require_choice", "require_positive", "spectral_radius",
 )

@@ -162,3 +162,47 @@ def test_evaluation_returns_the_solver_output_without_gradient_steps(grad):
   grad_eval = jax.grad(lambda x: jnp.sum(layer(x, train=False)[0]))(x)
   grad_ift = jax.grad(lambda x: jnp.sum(reference(x, train=False)[0]))(x)
   np.testing.assert_allclose(grad_eval, grad_ift, rtol=1e-5, atol=1e-6)
+
+
+def test_train_output_f_of_z_star_is_one_more_cell_application_with_the_same_masks(x64):
+  x = _injection(jnp.float64)
+  key = jax.random.key(7)
+  plain = _layer(dropout=0.2, solver=jdeq.Anderson(max_iter=3, tol=1e-12))
+  stepped = _layer(dropout=0.2, solver=jdeq.Anderson(max_iter=3, tol=1e-12),
+                   train_output="f_z_star")
+  z_star, aux = plain(x, train=True, dropout_key=key)
+  prepared = plain.cell.prepare(x, train=True, key=key)  # the solve's very masks
+  expected = plain.cell(z_star, x, prepared)
+  assert float(jnp.max(jnp.abs(expected - z_star))) > 1e-6  # 3 steps: not converged
+  out, stepped_aux = stepped(x, train=True, dropout_key=key)
+  np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+  np.testing.assert_array_equal(stepped_aux.stats.rel_residual, aux.stats.rel_residual)
+  # Evaluation and the unrolled mode return their own state.
+  np.testing.assert_array_equal(stepped(x, train=False)[0], plain(x, train=False)[0])
+  np.testing.assert_array_equal(stepped(x, train=True, unrolled=True, dropout_key=key)[0],
+                                plain(x, train=True, unrolled=True, dropout_key=key)[0])
+
+
+def test_train_output_f_of_z_star_has_the_implicit_gradient(x64):
+  # With an exact solve, d f(z*)/dθ = d z*/dθ: both carry (I − J)⁻¹ ∂f/∂θ. (The
+  # first sample of this cell has no equilibrium within reach; the others converge.)
+  x = _injection(jnp.float64)[1:]
+  exact = dict(solver=jdeq.Anderson(max_iter=200, tol=1e-13, stop_mode="abs"),
+               grad=jdeq.IFT(jdeq.Anderson(max_iter=200, tol=1e-13, stop_mode="abs")))
+  grads = []
+  for output in ("z_star", "f_z_star"):
+    layer = _layer(train_output=output, **exact)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+
+    def loss(params):
+      z, _ = nnx.merge(graphdef, params, rest, copy=True)(x, train=True)
+      return jnp.sum(jnp.sin(z))
+
+    grads.append(jax.grad(loss)(params))
+  assert helpers.relative_error(grads[1], grads[0]) < 1e-7
+
+
+def test_train_output_must_be_a_known_choice():
+  with pytest.raises(ValueError, match="train_output"):
+    _layer(train_output="f")

@@ -132,6 +132,15 @@ def test_group_norm_statistics_survive_a_large_mean_in_float32(x64):
   np.testing.assert_allclose(got, expected, atol=2e-3)
 
 
+def test_group_norm_is_as_accurate_in_float32_as_the_two_pass_form_on_a_large_map(x64):
+  # A 32×32 map: summing its 1,024 pixels in one sequential (variadic) reduction
+  # left a 4e-6 relative error; reducing rows, then columns, keeps it near 1e-7.
+  x = jax.nn.relu(jax.random.normal(jax.random.key(5), (4, 32, 32, 24)) + 0.3)
+  expected = nn.group_norm_nhwc(x.astype(jnp.float64), 8, None, None, 1e-5)
+  got = nn.group_norm_nhwc(x.astype(jnp.float32), 8, None, None, 1e-5)
+  assert helpers.relative_error(got.astype(jnp.float64), expected) < 5e-7
+
+
 def test_group_norm_derivatives_match_finite_differences(x64):
   """JVP and VJP (through the one-pass statistics' own JVP) in float64."""
   keys = jax.random.split(jax.random.key(4), 4)

@@ -186,7 +186,7 @@ def solver_and_gradient(workload: str, variant: str, forward_iters: int | None =
     gradient = jdeq.IFT(solver=make(solver_name, spec.backward_iters, "abs"))
   elif gradient_name == "phantom":
     gradient = jdeq.Phantom(k=workloads.PHANTOM_STEPS, damping=workloads.PHANTOM_DAMPING)
-  else:
+  else:  # jfb, and each state of the correction loss (TorchDEQ's grad=1, tau=1)
     gradient = jdeq.JFB()
   return solver, gradient
 
@@ -243,13 +243,23 @@ def build_variant(workload: str, variant: str, forward_iters: int | None = None,
   spec = workloads.workload(workload)
   evaluations, vjps = workloads.evaluation_counts(variant, spec, forward_iters)
 
+  correction = workloads.split_variant(variant)[1] == "correction"
+
   def loss_and_stats(params, batch, probe=None):
     map_args, z0 = cell.prepare(params, batch["x"])
-    z_star, stats = jdeq.fixed_point(cell.map, z0, *map_args, solver=solver,
-                                     grad=gradient, backward_probe=probe)
-    logits = cell.logits(params, z_star)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    return jnp.mean(loss), stats
+    if correction:
+      states, stats = jdeq.fixed_point_states(
+          cell.map, z0, *map_args, solver=solver, grad=gradient, backward_probe=probe,
+          indices=jdeq.correction_indices(solver.max_iter, workloads.CORRECTION_STATES))
+    else:
+      z_star, stats = jdeq.fixed_point(cell.map, z0, *map_args, solver=solver,
+                                       grad=gradient, backward_probe=probe)
+      states = (z_star,)
+    losses = [jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        cell.logits(params, z), batch["labels"])) for z in states]
+    if not correction:
+      return losses[0], stats
+    return jdeq.correction_loss(losses, workloads.CORRECTION_DECAY), stats
 
   def loss(params, batch):
     return loss_and_stats(params, batch)[0]

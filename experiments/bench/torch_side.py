@@ -39,6 +39,7 @@ import torchdeq
 from torch import nn
 from torch.nn import functional as F
 from torchdeq import get_deq, reset_deq
+from torchdeq.loss import fp_correction
 from torchdeq.norm import apply_norm
 
 from experiments.bench import timing, torch_mdeq, workloads
@@ -190,6 +191,11 @@ def deq_options(workload: str, variant: str, forward_iters: int | None = None) -
     options.update(ift=True)
   elif gradient == "phantom":
     options.update(grad=workloads.PHANTOM_STEPS, tau=workloads.PHANTOM_DAMPING)
+  elif gradient == "correction":
+    # DEQIndexing samples n_states evenly spaced states of one solve (the last at
+    # f_max_iter), each with a one-step gradient; the loss is fp_correction's.
+    options.update(core="indexing", n_states=workloads.CORRECTION_STATES, grad=1,
+                   tau=1.0)
   else:
     options.update(grad=1, tau=1.0)
   return options
@@ -205,6 +211,7 @@ class Cell:
     self.deq = get_deq(**deq_options(workload, variant, forward_iters))
     # Unrolled runs no solve: TorchDEQ's residual statistics are placeholders then.
     self.solves = workloads.split_variant(variant)[1] != workloads.UNROLLED
+    self.correction = workloads.split_variant(variant)[1] == "correction"
     self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
     self.evaluations = 0
     self.counting = False
@@ -227,6 +234,10 @@ class Cell:
     reset_deq(self.model)
     u = self.model.inject(self.x)
     z_out, self.last_info = self.deq(self._map(u), self.model.initial_state(u))
+    if self.correction:  # Σ_j γ^(N-1-j) CE(z_j), TorchDEQ's "exp" weights
+      return fp_correction(F.cross_entropy,
+                           ([self.model.logits(z) for z in z_out], self.labels),
+                           weight_func="exp", gamma=workloads.CORRECTION_DECAY)
     return F.cross_entropy(self.model.logits(z_out[-1]), self.labels)
 
   def timed_step(self) -> tuple[float, float, float]:

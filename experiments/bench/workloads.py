@@ -27,11 +27,16 @@ import numpy as np
 FULL_BUDGET_TOL = 1e-30
 
 SOLVERS = ("fixed_point_iteration", "anderson", "broyden")
-GRADIENTS = ("ift", "phantom", "jfb")
+GRADIENTS = ("ift", "phantom", "jfb", "correction")
 UNROLLED = "unrolled"
 ANDERSON_MEMORY = 6
 PHANTOM_STEPS = 5
 PHANTOM_DAMPING = 0.5
+# Fixed-point correction (DEQ-Flow): the loss over CORRECTION_STATES evenly spaced
+# states of the solve (TorchDEQ's n_states), each with a one-step gradient, weighted
+# CORRECTION_DECAY^(N-1-j).
+CORRECTION_STATES = 4
+CORRECTION_DECAY = 0.8
 NUM_CLASSES = 10
 
 
@@ -63,9 +68,9 @@ class Workload:
   warmup: int = 2
 
 
-def all_variants() -> tuple[str, ...]:
+def all_variants(gradients: tuple[str, ...] = GRADIENTS) -> tuple[str, ...]:
   """Every solver × gradient pair, plus the solver-free unrolled baseline."""
-  return tuple(f"{s}/{g}" for s in SOLVERS for g in GRADIENTS) + (UNROLLED,)
+  return tuple(f"{s}/{g}" for s in SOLVERS for g in gradients) + (UNROLLED,)
 
 
 def split_variant(variant: str) -> tuple[str | None, str]:
@@ -83,13 +88,15 @@ def split_variant(variant: str) -> tuple[str | None, str]:
 # with one call per round (``--variants all --scale 4`` for the full matrix, 12 runs).
 W1 = Workload(
     name="w1", title="MLP tanh(Wz + Ux), weight norm on W, d=64", batch=32,
-    forward_iters=30, backward_iters=30, default_variants=all_variants(),
+    forward_iters=30, backward_iters=30,
+    default_variants=all_variants(("ift", "phantom", "jfb")),
     reps=20, rounds=3)
 W2 = Workload(
     name="w2", title="conv GroupNorm(ReLU(conv2(ReLU(conv1 z)) + inj x)), 32 ch, 16x16",
     batch=32, forward_iters=20, backward_iters=20,
     default_variants=("fixed_point_iteration/ift", "anderson/ift", "broyden/ift",
-                      "anderson/phantom", "anderson/jfb", UNROLLED),
+                      "anderson/phantom", "anderson/jfb", "anderson/correction",
+                      UNROLLED),
     reps=4, rounds=3)
 W3 = Workload(
     name="w3", title="MDEQ-Tiny (CIFAR-10 config), 32x32", batch=64,
@@ -198,6 +205,7 @@ def evaluation_counts(variant: str, spec: Workload, forward_iters: int | None = 
   * IFT: the forward budget plus one linearization at ``z*``; the backward budget
     plus the one VJP that carries the adjoint to the parameters.
   * Phantom (k steps) and JFB (k = 1): forward budget + k evaluations, k VJPs.
+  * Correction: forward budget + one evaluation and one VJP per state.
   * Unrolled: forward-budget steps, each evaluated and differentiated once.
   """
   forward = spec.forward_iters if forward_iters is None else forward_iters
@@ -208,4 +216,6 @@ def evaluation_counts(variant: str, spec: Workload, forward_iters: int | None = 
     return forward + PHANTOM_STEPS, PHANTOM_STEPS
   if gradient == "jfb":
     return forward + 1, 1
+  if gradient == "correction":
+    return forward + CORRECTION_STATES, CORRECTION_STATES
   return forward, forward

@@ -2,7 +2,7 @@
 CPU budgets (the JR paper's Table 1 in miniature).
 
     python -m experiments.jacreg_lm.main --data-dir TFDS_DIR \\
-        --manual-dir path/to/wikitext-2 [--minutes 12] [--arms postln,postln_jr]
+        --manual-dir path/to/wikitext-2 [--minutes 18.5] [--arms postln,postln_jr]
 
 Each arm (``experiments.jacreg_lm.config``) trains ``deq_transformer_wt2_small`` for
 the same wall-clock budget in its own process (``python -m experiments.train``,
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                       help="directory of wiki.{train,valid,test}.tokens, to prepare "
                            "the TFDS dataset the first time")
   parser.add_argument("--out", default="results/jacreg_lm")
-  parser.add_argument("--minutes", type=float, default=12.0,
+  parser.add_argument("--minutes", type=float, default=18.5,
                       help="wall-clock training budget of each arm")
   parser.add_argument("--arms", default=",".join(study.ARMS),
                       help=f"comma-separated subset of {list(study.ARMS)}")

@@ -125,43 +125,73 @@ def _implicit(f, backward_solver, solver, layout):
     _, args_dot, probe_dot, _ = tangents
     z_star, stats = _solve(f, z0, args, solver, layout, budget)
     stats_dot = jax.tree.map(_zero_tangent, stats)
-    # Symbolic zeros must stay out of the linear solve: its transpose needs every
-    # right-hand side to depend linearly on the differentiated inputs.
-    args_zero = [isinstance(t, SymbolicZero) for t in jax.tree.leaves(args_dot)]
-    if all(args_zero):
-      return ((z_star, stats, probe),
-              (jax.tree.map(jnp.zeros_like, z_star), stats_dot, _instantiate(probe_dot)))
-    args_dot = jax.tree.map(_instantiate, args_dot)
-    _, injected = jax.jvp(lambda a: f(z_star, *a), (args,), (args_dot,))
-    _, jacobian_vp = jax.linearize(lambda z: f(z, *args), z_star)
-
-    def minus_jacobian(v):
-      return jax.tree.map(jnp.subtract, v, jacobian_vp(v))
-
-    if isinstance(probe_dot, SymbolicZero):
-      z_dot = jax.lax.custom_linear_solve(
-          minus_jacobian, injected,
-          solve=lambda op, b: _solve_linear(op, b, backward_solver, layout)[0],
-          transpose_solve=lambda op, b: _solve_linear(op, b, backward_solver, layout)[0])
-      return (z_star, stats, probe), (z_dot, stats_dot, jnp.zeros_like(probe))
-
-    def system(x):  # (I − J) v, with the probe channel passed through unchanged
-      v, p = x
-      return minus_jacobian(v), p
-
-    def solve(operator, rhs):
-      b, p = rhs
-      no_probe = jnp.zeros_like(p)
-      x, solve_stats = _solve_linear(
-          lambda v: operator((v, no_probe))[0], b, backward_solver, layout)
-      return x, p + stats_to_probe(solve_stats, p.dtype)
-
-    z_dot, probe_out_dot = jax.lax.custom_linear_solve(
-        system, (injected, probe_dot), solve=solve, transpose_solve=solve)
+    z_dot, probe_out_dot = _ift_tangent(f, z_star, args, args_dot, probe, probe_dot,
+                                        backward_solver, layout)
     return (z_star, stats, probe), (z_dot, stats_dot, probe_out_dot)
 
   equilibrium.defjvp(equilibrium_jvp, symbolic_zeros=True)
   return equilibrium
+
+
+def implicit_at(f, backward_solver, layout):
+  """The IFT gradient attached to a given equilibrium: a custom_jvp of ``(z*, args, probe)``.
+
+  The primal output is ``(z*, probe)`` unchanged; the tangent of ``z*`` is the
+  solution of ``(I − J) ż = (∂f/∂θ) θ̇`` at that ``z*`` (the tangent of the ``z*``
+  input itself is ignored, as the tangent of ``z0`` is in :func:`fixed_point`).
+  ``f`` must be closed (``jax.closure_convert``).
+  """
+
+  @jax.custom_jvp
+  def attach(z_star, args, probe):
+    return z_star, probe
+
+  def attach_jvp(primals, tangents):
+    z_star, args, probe = primals
+    _, args_dot, probe_dot = tangents
+    z_dot, probe_out_dot = _ift_tangent(f, z_star, args, args_dot, probe, probe_dot,
+                                        backward_solver, layout)
+    return (z_star, probe), (z_dot, probe_out_dot)
+
+  attach.defjvp(attach_jvp, symbolic_zeros=True)
+  return attach
+
+
+def _ift_tangent(f, z_star, args, args_dot, probe, probe_dot, backward_solver,
+                 layout):
+  """``(ż, probe tangent)`` of the IFT equilibrium at ``z_star`` (see :func:`_implicit`)."""
+  # Symbolic zeros must stay out of the linear solve: its transpose needs every
+  # right-hand side to depend linearly on the differentiated inputs.
+  args_zero = [isinstance(t, SymbolicZero) for t in jax.tree.leaves(args_dot)]
+  if all(args_zero):
+    return jax.tree.map(jnp.zeros_like, z_star), _instantiate(probe_dot)
+  args_dot = jax.tree.map(_instantiate, args_dot)
+  _, injected = jax.jvp(lambda a: f(z_star, *a), (args,), (args_dot,))
+  _, jacobian_vp = jax.linearize(lambda z: f(z, *args), z_star)
+
+  def minus_jacobian(v):
+    return jax.tree.map(jnp.subtract, v, jacobian_vp(v))
+
+  if isinstance(probe_dot, SymbolicZero):
+    z_dot = jax.lax.custom_linear_solve(
+        minus_jacobian, injected,
+        solve=lambda op, b: _solve_linear(op, b, backward_solver, layout)[0],
+        transpose_solve=lambda op, b: _solve_linear(op, b, backward_solver, layout)[0])
+    return z_dot, jnp.zeros_like(probe)
+
+  def system(x):  # (I − J) v, with the probe channel passed through unchanged
+    v, p = x
+    return minus_jacobian(v), p
+
+  def solve(operator, rhs):
+    b, p = rhs
+    no_probe = jnp.zeros_like(p)
+    x, solve_stats = _solve_linear(
+        lambda v: operator((v, no_probe))[0], b, backward_solver, layout)
+    return x, p + stats_to_probe(solve_stats, p.dtype)
+
+  return jax.lax.custom_linear_solve(
+      system, (injected, probe_dot), solve=solve, transpose_solve=solve)
 
 
 def _solve_linear(operator, rhs, backward_solver, layout):

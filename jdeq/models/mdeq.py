@@ -83,6 +83,10 @@ class MDEQConfig(ModelConfig):
     solver: training forward solver (budget = the reference ``F_THRES``).
     eval_solver: evaluation forward solver.
     grad: gradient mode; IFT's backward solver carries the reference ``B_THRES``.
+    train_output: ``"f_z_star"``: training reads ``f(z*)``, one more application
+      of the cell after the solve, as the reference's ``_forward`` does (its
+      ``new_z1 = func(z1)``); ``"z_star"``: the solver's ``z*`` (see
+      :class:`jdeq.nn.DEQ`).
   """
   channels: tuple[int, ...] = (24, 24)
   num_classes: int = 10
@@ -107,6 +111,7 @@ class MDEQConfig(ModelConfig):
                                              memory=18)
   grad: GradientMode = jdeq.IFT(jdeq.Broyden(max_iter=20, tol=1e-3, stop_mode="rel",
                                              memory=20))
+  train_output: str = "f_z_star"
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "channels", tuple(self.channels))
@@ -134,6 +139,7 @@ class MDEQConfig(ModelConfig):
               f"head_channels {self.head_channels} needs one width per branch "
               f"{self.channels}")
     require_choice(self, "final_conv_kernel", self.final_conv_kernel, (1, 3))
+    require_choice(self, "train_output", self.train_output, nn.TRAIN_OUTPUTS)
     require(0.0 <= self.bn_momentum < 1.0, self,
             f"bn_momentum must be in [0, 1), got {self.bn_momentum!r}")
 

@@ -17,7 +17,8 @@
 """
 
 from jdeq.nn.conv import Conv
-from jdeq.nn.deq import DEQ, DEQAux, DEQNetwork, EquilibriumCell, EquilibriumModel
+from jdeq.nn.deq import (TRAIN_OUTPUTS, DEQ, DEQAux, DEQNetwork, EquilibriumCell,
+                         EquilibriumModel)
 from jdeq.nn.dropout import variational_dropout_mask
 from jdeq.nn.group_norm import GroupNorm, group_norm_nhwc
 from jdeq.nn.multiscale import (NORM_EPSILON, DownsampleFusion, MultiscaleFusion,
@@ -31,7 +32,7 @@ from jdeq.nn.normalization import (SpectralNorm, SpectralVector, WeightNorm,
 __all__ = (
     "Conv", "DEQ", "DEQAux", "DEQNetwork", "DownsampleFusion", "EquilibriumCell",
     "EquilibriumModel", "GroupNorm",
-    "MultiscaleFusion", "NORM_EPSILON", "SpectralNorm", "SpectralVector",
+    "MultiscaleFusion", "NORM_EPSILON", "TRAIN_OUTPUTS", "SpectralNorm", "SpectralVector",
     "UpsampleFusion", "WeightNorm", "apply_layer", "bilinear_resize",
     "call_with_kernel", "effective_weight", "group_norm", "group_norm_nhwc",
     "kernel_norm", "nearest_upsample", "num_params", "variational_dropout_mask",

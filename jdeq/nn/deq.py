@@ -114,6 +114,10 @@ class EquilibriumCell(nnx.Module):
     raise NotImplementedError
 
 
+#: The choices of :class:`DEQ`'s ``train_output``.
+TRAIN_OUTPUTS = ("z_star", "f_z_star")
+
+
 class DEQ(nnx.Module):
   """An equilibrium layer: solves ``z* = cell(z*, x)`` and differentiates through it.
 
@@ -126,6 +130,14 @@ class DEQ(nnx.Module):
     unrolled_steps: iterations of the "pretraining" mode, which backpropagates
       through ``unrolled_steps`` plain applications of the cell from ``z0``
       (``jdeq.Unrolled``).
+    train_output: what a training-mode solve returns: ``"z_star"`` (the solver's
+      ``z*``) or ``"f_z_star"``, one more application of the cell,
+      ``f(z*)``, with the solve's prepared arrays (weight-normalized kernels,
+      dropout masks), as the reference MDEQ and DEQ-Transformer read their
+      equilibrium in training. With IFT both have the gradient ``u ∂f/∂θ``,
+      ``u = ∂ℓ/∂z (I − J)⁻¹``; ``f(z*)`` differs from ``z*`` by the residual and
+      costs one evaluation more. Evaluation and the unrolled mode always return
+      their own state.
 
   In evaluation mode (``train=False``) the layer returns the solver's ``z*``
   itself, whatever ``grad`` is: the extra map evaluations of ``Phantom`` (its ``k``
@@ -137,7 +149,8 @@ class DEQ(nnx.Module):
 
   def __init__(self, cell: EquilibriumCell, *, solver: AbstractSolver = jdeq.Anderson(),
                eval_solver: Optional[AbstractSolver] = None,
-               grad: GradientMode = jdeq.IFT(), unrolled_steps: int = 10):
+               grad: GradientMode = jdeq.IFT(), unrolled_steps: int = 10,
+               train_output: str = "z_star"):
     if not isinstance(cell, EquilibriumCell):
       raise ValueError(f"DEQ: cell must be an EquilibriumCell, got {type(cell).__name__}")
     for name, value in (("solver", solver), ("eval_solver", eval_solver)):
@@ -149,11 +162,15 @@ class DEQ(nnx.Module):
     if not (isinstance(unrolled_steps, int) and unrolled_steps >= 1):
       raise ValueError(f"DEQ: unrolled_steps must be an integer >= 1, got "
                        f"{unrolled_steps!r}")
+    if train_output not in TRAIN_OUTPUTS:
+      raise ValueError(f"DEQ: train_output must be one of {TRAIN_OUTPUTS}, got "
+                       f"{train_output!r}")
     self.cell = cell
     self.solver = solver
     self.eval_solver = solver if eval_solver is None else eval_solver
     self.grad = grad
     self.unrolled_steps = unrolled_steps
+    self.train_output = train_output
 
   def pure_map(self):
     """``(f, params)``: the cell as a pure ``f(z, params, prepared, x)`` and its Params."""
@@ -167,7 +184,8 @@ class DEQ(nnx.Module):
   def __call__(self, injection: PyTree, *, train: bool = True, unrolled: bool = False,
                budget: Optional[jax.Array] = None, jac_probes: int = 0,
                dropout_key: Optional[jax.Array] = None,
-               jacobian_key: Optional[jax.Array] = None) -> tuple[PyTree, DEQAux]:
+               jacobian_key: Optional[jax.Array] = None,
+               backward_probe: Optional[jax.Array] = None) -> tuple[PyTree, DEQAux]:
     """Solves for the equilibrium of the cell driven by ``injection``.
 
     Args:
@@ -182,9 +200,13 @@ class DEQ(nnx.Module):
         with ``z*`` held fixed as in the reference implementation).
       dropout_key: key for the cell's dropout masks (training only).
       jacobian_key: key for the Hutchinson probes (needed when ``jac_probes > 0``).
+      backward_probe: optional :func:`jdeq.backward_stats_probe`, passed to
+        :func:`jdeq.fixed_point` (its gradient holds the IFT backward statistics).
 
     Returns:
-      ``(z_star, DEQAux(stats, jac_loss))``.
+      ``(z_star, DEQAux(stats, jac_loss))`` (``f(z*)`` in place of ``z*`` when
+      training with ``train_output="f_z_star"``; the statistics and the Jacobian
+      term are those of the solver's ``z*``).
     """
     if not (isinstance(jac_probes, int) and jac_probes >= 0):
       raise ValueError(f"DEQ: jac_probes must be a non-negative int, got {jac_probes!r}")
@@ -201,7 +223,8 @@ class DEQ(nnx.Module):
       grad = jdeq.IFT()
     solver = self.solver if train else self.eval_solver
     z_star, stats = jdeq.fixed_point(f, z0, params, prepared, injection,
-                                     solver=solver, grad=grad, budget=budget)
+                                     solver=solver, grad=grad, budget=budget,
+                                     backward_probe=backward_probe)
     batch = jax.tree.leaves(z_star)[0].shape[0]
     if jac_probes:
       jac_loss = jdeq.jacobian_fro_sq(f, jax.lax.stop_gradient(z_star), params,
@@ -209,7 +232,65 @@ class DEQ(nnx.Module):
                                       num_probes=jac_probes)
     else:
       jac_loss = jnp.zeros((batch,), jnp.float32)
+    if train and not unrolled and self.train_output == "f_z_star":
+      z_star = f(z_star, params, prepared, injection)
     return z_star, DEQAux(stats, jac_loss)
+
+  def fixed_point_states(self, injection: PyTree, *, indices: Sequence[int],
+                         grad: Any = None, train: bool = True,
+                         budget: Optional[jax.Array] = None, jac_probes: int = 0,
+                         dropout_key: Optional[jax.Array] = None,
+                         jacobian_key: Optional[jax.Array] = None
+                         ) -> tuple[tuple[PyTree, ...], DEQAux]:
+    """Differentiable states of one solve, for fixed-point correction.
+
+    The layer's counterpart of :func:`jdeq.fixed_point_states`: the states after
+    ``indices[j]`` solver evaluations, each with its own gradient, to be scored by
+    the head and combined with :func:`jdeq.correction_loss`. :meth:`__call__` is
+    unchanged; this is a second entry point.
+
+    Args:
+      injection: the input injection ``x`` (a batched pytree).
+      indices: static, strictly increasing evaluation counts in
+        ``[1, solver.max_iter]`` (e.g. ``jdeq.correction_indices(max_iter, n)``).
+      grad: one gradient mode for every state or one per state (see
+        :func:`jdeq.fixed_point_states`). ``None``: the layer's ``grad`` for every
+        state when it is ``Phantom`` or ``JFB``; when it is ``IFT``, ``JFB`` for the
+        intermediate states and the layer's ``IFT`` for the last (TorchDEQ's
+        ``ift=True`` with its default one-step ``grad=1``).
+      train: use the training solver and dropout masks, else the evaluation solver
+        (the gradient modes apply in both).
+      budget: optional traced forward budget ``<= solver.max_iter``.
+      jac_probes: static number of Hutchinson probes, estimated at the last state.
+      dropout_key: key for the cell's dropout masks (training only).
+      jacobian_key: key for the Hutchinson probes (needed when ``jac_probes > 0``).
+
+    Returns:
+      ``(states, DEQAux(stats, jac_loss))`` with ``states`` a tuple of
+      ``len(indices)`` pytrees like the state, the last one the final estimate.
+    """
+    if not (isinstance(jac_probes, int) and jac_probes >= 0):
+      raise ValueError(f"DEQ: jac_probes must be a non-negative int, got {jac_probes!r}")
+    if jac_probes and jacobian_key is None:
+      raise ValueError("DEQ: jac_probes > 0 needs a jacobian_key")
+    if grad is None:
+      grad = self.grad
+      if isinstance(grad, jdeq.IFT) and isinstance(indices, (tuple, list)):
+        grad = (jdeq.JFB(),) * (len(indices) - 1) + (grad,)
+    prepared = self.cell.prepare(injection, train=train, key=dropout_key)
+    z0 = self.cell.initial_state(injection)
+    f, params = self.pure_map()
+    solver = self.solver if train else self.eval_solver
+    states, stats = jdeq.fixed_point_states(
+        f, z0, params, prepared, injection, indices=indices, solver=solver,
+        grad=grad, budget=budget)
+    if jac_probes:
+      jac_loss = jdeq.jacobian_fro_sq(f, jax.lax.stop_gradient(states[-1]), params,
+                                      prepared, injection, key=jacobian_key,
+                                      num_probes=jac_probes)
+    else:
+      jac_loss = jnp.zeros((jax.tree.leaves(states[-1])[0].shape[0],), jnp.float32)
+    return states, DEQAux(stats, jac_loss)
 
   def call_with_rngs(self, injection: PyTree, rngs: nnx.Rngs, *, train: bool,
                      unrolled: bool, budget: Optional[jax.Array], jac_probes: int,
@@ -239,7 +320,8 @@ class DEQNetwork(nnx.Module):
 
   Attributes:
     config: the model configuration; it provides ``solver``, ``eval_solver``,
-      ``grad`` and ``unrolled_steps`` of the :class:`DEQ`.
+      ``grad``, ``unrolled_steps`` and optionally ``train_output`` of the
+      :class:`DEQ`.
     stem, deq, head: the three stages.
     rngs: the model's RNG streams (``"dropout"``, ``"jacobian"``).
   """
@@ -263,7 +345,8 @@ class DEQNetwork(nnx.Module):
     self.config = config
     self.stem = stem
     self.deq = DEQ(cell, solver=config.solver, eval_solver=config.eval_solver,
-                   grad=config.grad, unrolled_steps=config.unrolled_steps)
+                   grad=config.grad, unrolled_steps=config.unrolled_steps,
+                   train_output=getattr(config, "train_output", "z_star"))
     self.head = head
     self.rngs = rngs
     self.input_shape = None if input_shape is None else tuple(input_shape)

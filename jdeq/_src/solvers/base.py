@@ -156,11 +156,83 @@ def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
   Raises:
     ValueError: if ``budget`` is a Python integer outside ``[1, solver.max_iter]``.
   """
+  z, stats, _ = _drive(solver, fn, z0, budget, ())
+  return z, stats
+
+
+def iterate_recording(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
+                      record_at: tuple[int, ...],
+                      budget: jax.Array | int | None = None
+                      ) -> tuple[jax.Array, SolverStats, jax.Array]:
+  """:func:`iterate`, also returning the iterate it would return at other budgets.
+
+  One loop runs, to at most ``record_at[-1]`` evaluations (and at most ``budget``).
+  Whenever the evaluation count reaches an entry ``i`` of ``record_at``, the
+  per-sample best iterate so far is written to slot ``i`` of a static
+  ``(len(record_at), B, D)`` buffer (one dynamic update per step, no host
+  synchronisation). Slots the loop never reached, because every sample stopped
+  earlier or the budget ran out, get the final best iterate. Since a stopped sample
+  keeps its best iterate, slot ``i`` holds, per sample, exactly what
+  ``iterate(solver, fn, z0, budget=min(i, budget))`` returns.
+
+  Args:
+    solver: the solver configuration.
+    fn: the map, ``(B, D) -> (B, D)``, sample-wise independent.
+    z0: the initial iterate.
+    record_at: static, strictly increasing evaluation counts in
+      ``[1, solver.max_iter]``.
+    budget: optional, possibly traced, evaluation budget (see :func:`iterate`).
+
+  Returns:
+    ``(z, stats, recorded)``: the result of the whole (``record_at[-1]``-budget)
+    solve, its statistics and the ``(len(record_at), B, D)`` recorded iterates.
+
+  Raises:
+    ValueError: if ``record_at`` is empty, not strictly increasing Python
+      integers, or outside ``[1, solver.max_iter]``, or if ``budget`` is a Python
+      integer outside ``[1, solver.max_iter]``.
+  """
+  check_record_at(solver, record_at)
+  return _drive(solver, fn, z0, budget, tuple(int(i) for i in record_at))
+
+
+def check_record_at(solver: AbstractSolver, record_at: Any) -> None:
+  """Refuses evaluation counts that are not strictly increasing ints in range.
+
+  Raises:
+    ValueError: naming the offending entry and the solver's ``max_iter``.
+  """
+  if not isinstance(record_at, (tuple, list)) or not record_at:
+    raise ValueError(f"indices must be a non-empty tuple of Python ints (evaluation "
+                     f"counts; jdeq.correction_indices(max_iter, n) spreads n of "
+                     f"them evenly), got {record_at!r}")
+  for i in record_at:
+    if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+      raise ValueError(f"indices must be static Python ints (evaluation counts), got "
+                       f"{i!r} of type {type(i).__name__} in {record_at!r}")
+    if not 1 <= i <= solver.max_iter:
+      raise ValueError(f"indices must be in [1, max_iter={solver.max_iter}] (the "
+                       f"evaluation at z0 included), got {i} in {tuple(record_at)}")
+  if any(b <= a for a, b in zip(record_at, record_at[1:])):
+    raise ValueError(f"indices must be strictly increasing, got {tuple(record_at)}")
+
+
+def _drive(solver, fn, z0, budget, record_at):
+  """The loop of :func:`iterate`, recording best iterates at ``record_at`` if any."""
   check_budget(solver, budget)
   batch = z0.shape[0]
   limit = solver.max_iter if budget is None else jnp.clip(
       jnp.asarray(budget, jnp.int32), 1, solver.max_iter)
+  if record_at:  # no need to go past the last recorded evaluation
+    limit = jnp.minimum(limit, record_at[-1])
   trace_len = solver.max_iter if solver.record_trace else 0
+  slots = jnp.asarray(record_at, jnp.int32) if record_at else None
+
+  def record(recorded, k, best_z):
+    # Slot j if k == record_at[j], else the spare last slot (dropped at the end).
+    hit = slots == k
+    slot = jnp.where(jnp.any(hit), jnp.argmax(hit), len(record_at))
+    return jax.lax.dynamic_update_index_in_dim(recorded, best_z, slot, 0)
 
   fz0 = fn(z0)
   g0, abs0, rel0, crit0 = _measure(z0, fz0, solver.stop_mode)
@@ -175,6 +247,9 @@ def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
       best_z=z0, best_abs=abs0, best_rel=rel0, best_crit=crit0, last_crit=crit0,
       done=converged0 | diverged0, diverged=diverged0,
       nstep=jnp.ones((batch,), jnp.int32), trace=trace0)
+  if record_at:
+    carry0["recorded"] = record(
+        jnp.zeros((len(record_at) + 1,) + z0.shape, z0.dtype), carry0["k"], z0)
 
   def cond(c):
     return (c["k"] < limit) & ~jnp.all(c["done"])
@@ -194,9 +269,10 @@ def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
     trace = c["trace"]
     if trace_len:
       trace = jax.lax.dynamic_update_slice(trace, last_crit[:, None], (jnp.zeros_like(c["k"]), c["k"]))
-    return dict(
+    best_z = jnp.where(improved[:, None], z, c["best_z"])
+    out = dict(
         k=c["k"] + 1, z=z, g=g, state=state,
-        best_z=jnp.where(improved[:, None], z, c["best_z"]),
+        best_z=best_z,
         best_abs=jnp.where(improved, abs_res, c["best_abs"]),
         best_rel=jnp.where(improved, rel_res, c["best_rel"]),
         best_crit=jnp.where(improved, crit, c["best_crit"]),
@@ -205,6 +281,9 @@ def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
         diverged=c["diverged"] | exploded,
         nstep=c["nstep"] + active.astype(jnp.int32),
         trace=trace)
+    if record_at:
+      out["recorded"] = record(c["recorded"], out["k"], best_z)
+    return out
 
   c = jax.lax.while_loop(cond, body, carry0)
   trace = c["trace"]
@@ -215,4 +294,8 @@ def iterate(solver: AbstractSolver, fn: FlatMap, z0: jax.Array,
   stats = SolverStats(
       nstep=c["nstep"], abs_residual=c["best_abs"], rel_residual=c["best_rel"],
       converged=converged, diverged=c["diverged"] & ~converged, trace=trace)
-  return c["best_z"], stats
+  recorded = None
+  if record_at:
+    reached = (slots <= c["k"])[:, None, None]
+    recorded = jnp.where(reached, c["recorded"][:-1], c["best_z"][None])
+  return c["best_z"], stats, recorded
