@@ -104,8 +104,11 @@ def build(mdeq, config, seed: int, eps):
 
 
 def arrays(model) -> dict:
-  """Every parameter and buffer as numpy, by state-dict name."""
-  return {name: value.detach().cpu().numpy()
+  """Every parameter and buffer as numpy copies, by state-dict name.
+
+  (``Tensor.numpy`` shares the tensor's memory, which the optimizer updates in place.)
+  """
+  return {name: value.detach().cpu().numpy().copy()
           for name, value in model.state_dict().items()
           if not name.endswith("num_batches_tracked")}
 
