@@ -114,6 +114,22 @@ class EquilibriumCell(nnx.Module):
     raise NotImplementedError
 
 
+def _check_probes(jac_probes: int, jacobian_key: Optional[jax.Array]) -> None:
+  if not (isinstance(jac_probes, int) and jac_probes >= 0):
+    raise ValueError(f"DEQ: jac_probes must be a non-negative int, got {jac_probes!r}")
+  if jac_probes and jacobian_key is None:
+    raise ValueError("DEQ: jac_probes > 0 needs a jacobian_key")
+
+
+def _jacobian_term(f, z, params, prepared, injection, jac_probes: int,
+                   jacobian_key: Optional[jax.Array]) -> jax.Array:
+  """``(B,)`` Hutchinson estimate of ``‖J_f(z)‖²_F / d`` at a held-fixed ``z`` (0s without probes)."""
+  if not jac_probes:
+    return jnp.zeros((jax.tree.leaves(z)[0].shape[0],), jnp.float32)
+  return jdeq.jacobian_fro_sq(f, jax.lax.stop_gradient(z), params, prepared, injection,
+                              key=jacobian_key, num_probes=jac_probes)
+
+
 #: The choices of :class:`DEQ`'s ``train_output``.
 TRAIN_OUTPUTS = ("z_star", "f_z_star")
 
@@ -208,10 +224,7 @@ class DEQ(nnx.Module):
       training with ``train_output="f_z_star"``; the statistics and the Jacobian
       term are those of the solver's ``z*``).
     """
-    if not (isinstance(jac_probes, int) and jac_probes >= 0):
-      raise ValueError(f"DEQ: jac_probes must be a non-negative int, got {jac_probes!r}")
-    if jac_probes and jacobian_key is None:
-      raise ValueError("DEQ: jac_probes > 0 needs a jacobian_key")
+    _check_probes(jac_probes, jacobian_key)
     prepared = self.cell.prepare(injection, train=train, key=dropout_key)
     z0 = self.cell.initial_state(injection)
     f, params = self.pure_map()
@@ -225,13 +238,8 @@ class DEQ(nnx.Module):
     z_star, stats = jdeq.fixed_point(f, z0, params, prepared, injection,
                                      solver=solver, grad=grad, budget=budget,
                                      backward_probe=backward_probe)
-    batch = jax.tree.leaves(z_star)[0].shape[0]
-    if jac_probes:
-      jac_loss = jdeq.jacobian_fro_sq(f, jax.lax.stop_gradient(z_star), params,
-                                      prepared, injection, key=jacobian_key,
-                                      num_probes=jac_probes)
-    else:
-      jac_loss = jnp.zeros((batch,), jnp.float32)
+    jac_loss = _jacobian_term(f, z_star, params, prepared, injection, jac_probes,
+                              jacobian_key)
     if train and not unrolled and self.train_output == "f_z_star":
       z_star = f(z_star, params, prepared, injection)
     return z_star, DEQAux(stats, jac_loss)
@@ -269,10 +277,7 @@ class DEQ(nnx.Module):
       ``(states, DEQAux(stats, jac_loss))`` with ``states`` a tuple of
       ``len(indices)`` pytrees like the state, the last one the final estimate.
     """
-    if not (isinstance(jac_probes, int) and jac_probes >= 0):
-      raise ValueError(f"DEQ: jac_probes must be a non-negative int, got {jac_probes!r}")
-    if jac_probes and jacobian_key is None:
-      raise ValueError("DEQ: jac_probes > 0 needs a jacobian_key")
+    _check_probes(jac_probes, jacobian_key)
     if grad is None:
       grad = self.grad
       if isinstance(grad, jdeq.IFT) and isinstance(indices, (tuple, list)):
@@ -284,12 +289,8 @@ class DEQ(nnx.Module):
     states, stats = jdeq.fixed_point_states(
         f, z0, params, prepared, injection, indices=indices, solver=solver,
         grad=grad, budget=budget)
-    if jac_probes:
-      jac_loss = jdeq.jacobian_fro_sq(f, jax.lax.stop_gradient(states[-1]), params,
-                                      prepared, injection, key=jacobian_key,
-                                      num_probes=jac_probes)
-    else:
-      jac_loss = jnp.zeros((jax.tree.leaves(states[-1])[0].shape[0],), jnp.float32)
+    jac_loss = _jacobian_term(f, states[-1], params, prepared, injection, jac_probes,
+                              jacobian_key)
     return states, DEQAux(stats, jac_loss)
 
   def call_with_rngs(self, injection: PyTree, rngs: nnx.Rngs, *, train: bool,
