@@ -177,3 +177,34 @@ def test_ift_memory_is_constant_in_forward_iterations():
   unrolled_100 = _temp_bytes(value_and_grad(FORWARD, jdeq.Unrolled(100)), params)
   # 90 more stored activations of (32, 64) float32 each
   assert unrolled_100 - unrolled_10 >= 90 * 32 * 64 * 4
+
+
+@pytest.mark.parametrize("make_mode", [
+    lambda unroll: jdeq.Unrolled(steps=7, unroll=unroll),
+    lambda unroll: jdeq.Phantom(k=7, damping=0.6, unroll=unroll),
+    lambda unroll: jdeq.Phantom(k=7, damping=0.6, neumann=True, unroll=unroll),
+])
+def test_unroll_changes_the_program_not_the_values(tanh, make_mode):
+  """Written out, in blocks of 3, or rolled: the same iterates, gradients and tangents."""
+  f, z0, params, x = tanh
+  results = []
+  for unroll in (True, 3, 1):
+    mode = make_mode(unroll)
+    loss = functools.partial(_loss, f, z0, mode)
+    direction = helpers.random_like(jax.random.PRNGKey(3), params)
+    value, tangent = jax.jit(lambda p, d: jax.jvp(lambda q: loss(q, x), (p,), (d,)))(
+        params, direction)
+    results.append((value, tangent, _ift_gradient(tanh, mode)))
+  for other in results[1:]:
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("unroll, loops", [(None, False), (1, True), (4, True)])
+def test_unrolled_default_writes_short_loops_out(tanh, unroll, loops):
+  """The default writes MDEQ's pretraining depths out: no loop left in the program."""
+  f, z0, params, x = tanh
+  mode = jdeq.Unrolled(steps=10) if unroll is None else jdeq.Unrolled(steps=10, unroll=unroll)
+  text = jax.jit(jax.grad(functools.partial(_loss, f, z0, mode))).lower(
+      params, x).as_text()
+  assert ("stablehlo.while" in text) == loops

@@ -203,6 +203,44 @@ def test_train_output_f_of_z_star_has_the_implicit_gradient(x64):
   assert helpers.relative_error(grads[1], grads[0]) < 1e-7
 
 
+def test_train_output_f_of_z_star_solves_backward_for_its_own_cotangent(x64):
+  """The reference's backward on f(z*): u = u J + ∂ℓ/∂f(z*), then u ∂f/∂θ.
+
+  With a loss linear in the output, both outputs have the same cotangent, so with
+  IFT their gradients agree to round-off even though neither solve converges:
+  differentiating through the extra application would instead solve for
+  ``∂ℓ/∂out · J`` and part wherever the truncated backward solve is inexact.
+  """
+  x = _injection(jnp.float64)[1:]
+  loose = dict(solver=jdeq.Anderson(max_iter=4, tol=1e-13),
+               grad=jdeq.IFT(jdeq.FixedPointIteration(max_iter=3, tol=1e-13)))
+  weights = jax.random.normal(jax.random.key(3), x.shape, jnp.float64)
+  grads = {}
+  for output in ("z_star", "f_z_star"):
+    layer = _layer(train_output=output, **loose)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+
+    def loss(params, graphdef=graphdef, rest=rest):
+      z, _ = nnx.merge(graphdef, params, rest, copy=True)(x, train=True)
+      return jnp.sum(weights * z)
+
+    grads[output] = jax.grad(loss)(params)
+  assert helpers.relative_error(grads["f_z_star"], grads["z_star"]) < 1e-12
+  # Differentiated through the extra application, the gradient would differ.
+  layer = _layer(**loose)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  f, _ = layer.pure_map()
+
+  def through(params):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    z, _ = model(x, train=True)
+    prepared = model.cell.prepare(x, train=True, key=None)
+    return jnp.sum(weights * f(z, nnx.state(model.cell, nnx.Param), prepared, x))
+
+  assert helpers.relative_error(jax.grad(through)(params), grads["z_star"]) > 1e-4
+
+
 def test_train_output_must_be_a_known_choice():
   with pytest.raises(ValueError, match="train_output"):
     _layer(train_output="f")

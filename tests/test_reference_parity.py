@@ -137,6 +137,15 @@ def test_jdeq_half_against_a_fake_reference(tmp_path):
   assert "equilibrium" in parity.report(rows)
 
 
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+def test_stop_scope_reaches_every_solver(scope):
+  """The harness's jdeq solvers decide as the reference's (batch) unless told not to."""
+  config = parity.model_config(1e-3, SMALL, scope)
+  assert {config.solver.stop_scope, config.eval_solver.stop_scope,
+          config.grad.solver.stop_scope} == {scope}
+  assert parity.parser().parse_args([]).stop_scope == "batch"
+
+
 def test_without_a_reference_the_harness_says_what_it_needs(capsys):
   assert parity.main(["--out", "unused"]) == 2
   assert "--reference-dir" in capsys.readouterr().err

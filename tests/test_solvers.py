@@ -205,3 +205,53 @@ def test_start_far_below_the_state_scale_is_not_divergence():
   z, stats = _solve(jdeq.FixedPointIteration(300, 1e-5), f, jnp.float32(2.0), x)
   assert np.all(stats.converged) and not np.any(stats.diverged)
   np.testing.assert_allclose(z, 0.9575, atol=1e-3)
+
+
+def test_batch_scope_stops_and_chooses_the_iterate_for_the_whole_batch(x64):
+  """stop_scope="batch" against a NumPy oracle of plain iteration's raw iterates.
+
+  Samples contract at different rates, so per-sample stopping spends different
+  counts; the batch scope must stop every sample at the first iterate whose batch
+  residual ‖f(Z) − Z‖_F / ‖f(Z)‖_F meets the tolerance and return that iterate.
+  """
+  a = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (16, 16), jnp.float64))
+  a = a / np.linalg.norm(a, ord=2)
+  b = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (4, 16), jnp.float64))
+  gain = np.array([0.2, 0.5, 0.8, 0.9])[:, None]
+  f = lambda z, gain, b: jnp.tanh(gain * (z @ a.T) + b)
+  tol = 1e-6
+  iterates = [np.zeros_like(b)]
+  while True:
+    image = np.tanh(gain * (iterates[-1] @ a.T) + b)
+    if np.linalg.norm(image - iterates[-1]) / np.linalg.norm(image) <= tol:
+      break
+    iterates.append(image)
+  solver = jdeq.FixedPointIteration(max_iter=200, tol=tol, stop_mode="rel")
+  z_batch, s_batch = _solve(jdeq.FixedPointIteration(
+      max_iter=200, tol=tol, stop_mode="rel", stop_scope="batch"), f, gain, b)
+  _, s_sample = _solve(solver, f, gain, b)
+  assert len(set(np.asarray(s_sample.nstep).tolist())) > 1  # the scopes really differ
+  np.testing.assert_array_equal(s_batch.nstep, np.full(4, len(iterates)))
+  np.testing.assert_allclose(z_batch, iterates[-1], rtol=1e-13, atol=1e-14)
+  assert np.all(s_batch.converged)
+  # Per-sample residuals are still reported, at the batch's chosen iterate.
+  image = np.tanh(gain * (iterates[-1] @ a.T) + b)
+  np.testing.assert_allclose(s_batch.abs_residual,
+                             np.linalg.norm(image - iterates[-1], axis=1), rtol=1e-8,
+                             atol=1e-15)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_batch_scope_returns_the_lowest_batch_residual_step(x64, solver):
+  """With a budget too small to converge, the batch scope returns the iterate of the
+  step whose batch residual was lowest: re-running with that budget gives it back."""
+  f, params, x = helpers.tanh_problem(jax.random.PRNGKey(0))
+  kwargs = {**solver.__dict__, "max_iter": 6, "stop_scope": "batch",
+            "record_trace": True}
+  batch_solver = type(solver)(**kwargs)
+  z, stats = _solve(batch_solver, f, params, x)
+  trace = np.asarray(stats.trace[0])  # the batch residual after each evaluation
+  assert np.all(np.asarray(stats.trace) == trace[None])
+  best = int(np.argmin(trace)) + 1
+  z_best, _ = _solve(batch_solver, f, params, x, budget=best)
+  np.testing.assert_allclose(z, z_best, rtol=1e-12, atol=1e-12)

@@ -11,4 +11,6 @@ timed one by one, every remedy tried) is recorded in ``docs/benchmarks.md``.
 
 Modules that the TorchDEQ worker imports (``timing``, ``workloads``, ``torch_side``,
 ``torch_mdeq``) must not import JAX: that worker runs in its own virtual environment.
+The same holds for ``reference_side``, the worker of the opt-in workload ``w3ref``
+that runs the authors' MDEQ code (locuslab/deq) beside jdeq's training steps.
 """

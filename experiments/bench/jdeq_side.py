@@ -14,6 +14,9 @@ the functions that are timed:
 * ``bare``: the same number of bare map evaluations and VJPs as the step needs
   (:func:`experiments.bench.workloads.evaluation_counts`), the denominator of the
   overhead ratio.
+
+Workload w3ref instead times MDEQ-Tiny's own training steps, the ones jdeq's
+training loop compiles (:func:`training_step`), beside the authors' code.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ import optax
 from flax import nnx
 
 import jdeq
+from jdeq import experiment as experiment_lib
 from jdeq import models, nn
+from jdeq import train as train_lib
 from jdeq.nn import NORM_EPSILON, group_norm_nhwc
 from jdeq.ops import conv2d
+from experiments import configs
 from experiments.bench import workloads
 
 PyTree = Any
@@ -301,6 +307,136 @@ def build_variant(workload: str, variant: str, forward_iters: int | None = None,
       forward=jax.jit(lambda p, b: jax.vjp(lambda p_: loss(p_, b), p)),
       backward=jax.jit(lambda pullback: pullback(jnp.ones((), jnp.float32))),
       step=jax.jit(step), bare=jax.jit(bare), read_counts=counts)
+
+
+# w3ref: jdeq's registered MDEQ-Tiny recipe (Adam 1e-3, cosine, the model's Broyden
+# budgets and tolerance 1e-3), as ``python -m experiments.train`` trains it.
+REFERENCE_RECIPE = "mdeq_cifar_tiny"
+CIFAR10_TRAIN_IMAGES = 50_000
+
+
+def _batch_residual(stats: jdeq.SolverStats) -> float:
+  """``‖f(z) − z‖ / ‖f(z)‖`` over the whole batch (the reference's stopping quantity).
+
+  (:func:`experiments.reference_parity.main._batch_residual`; that module is not
+  imported here, as its import tunes XLA's flags for its own process.)
+  """
+  absolute = np.asarray(stats.abs_residual, np.float64)
+  image = absolute / np.maximum(np.asarray(stats.rel_residual, np.float64), 1e-30)
+  return float(np.sqrt(np.sum(absolute**2)) / np.sqrt(np.sum(image**2)))
+
+
+@dataclasses.dataclass
+class TrainingStep:
+  """One of the two training steps jdeq's loop runs for MDEQ-Tiny, and its state.
+
+  Attributes:
+    kind: ``"equilibrium"`` (Broyden, IFT) or ``"unrolled"`` (pretraining).
+    state: the train state; every :meth:`call` advances it, donating its buffers
+      as the loop does.
+    batch: ``{"image": NHWC images, "label": int32 labels}``.
+    step: ``jdeq.train.make_train_step``'s jitted step.
+    solves: jitted ``(state, batch) -> (forward, backward)`` SolverStats of one
+      equilibrium step (the training step reports no backward statistics); None
+      for the unrolled step, which runs no solver.
+    compiled: the compiled step (set by :meth:`compile`).
+    metrics: the ``StepMetrics`` of the last call.
+  """
+  kind: str
+  state: train_lib.TrainState
+  batch: dict
+  step: Callable
+  solves: Callable | None
+  compiled: Callable | None = None
+  metrics: Any = None
+
+  def compile(self) -> dict:
+    """Compile time of the step and XLA's temporary buffer size for it."""
+    start = time.perf_counter()
+    self.compiled = self.step.lower(self.state, self.batch).compile()
+    seconds = time.perf_counter() - start
+    memory = self.compiled.memory_analysis()
+    return {"compile_s": seconds,
+            "temp_bytes": int(memory.temp_size_in_bytes) if memory else None}
+
+  def parameter_count(self) -> int:
+    """Number of trainable scalars (158,890 for MDEQ-Tiny)."""
+    return nn.num_params(self.state.params)
+
+  def call(self) -> None:
+    """One training step, blocking until it is done."""
+    self.state, self.metrics = jax.block_until_ready(
+        (self.compiled or self.step)(self.state, self.batch))
+
+  def counts(self) -> dict:
+    """Map evaluations and VJPs of a step at the current state, and the residuals
+    (batch-wide, as the reference measures them); one more solve, not timed."""
+    if self.solves is None:  # unrolled: the layers of the last step
+      return {"forward_evaluations": int(round(float(self.metrics.fwd_nfe))),
+              "backward_vjps": None, "forward_rel_residual": None,
+              "backward_residual": None}
+    forward, backward = jax.device_get(self.solves(self.state, self.batch))
+    return {"forward_evaluations": int(np.max(forward.nstep)),
+            "backward_vjps": int(np.max(backward.nstep)),
+            "forward_rel_residual": _batch_residual(forward),
+            "backward_residual": _batch_residual(backward)}
+
+
+def _solver_stats(state: train_lib.TrainState, batch: dict):
+  """Both solves' SolverStats of an equilibrium step: the model's own forward pass
+  (``DEQNetwork.__call__``) with a backward-statistics probe through the IFT."""
+  images = batch["image"]
+  probe = jdeq.backward_stats_probe(images.shape[0], images.dtype)
+
+  def loss(params, probe):
+    model = nnx.merge(state.graphdef, params, state.model_state, copy=True)
+    injection = model.stem(images, train=True)
+    z_star, aux = model.deq(injection, train=True, backward_probe=probe,
+                            dropout_key=model.rngs.dropout())
+    logits = model.readout(model.refine(z_star, injection, train=True), images,
+                           train=True)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["label"])), aux.stats
+
+  (_, forward), (_, probe_grad) = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(state.params, probe)
+  return forward, jdeq.backward_stats(probe_grad)
+
+
+def training_step(kind: str, seed: int = 0) -> TrainingStep:
+  """MDEQ-Tiny's training step of ``kind``, built as ``jdeq.train.fit`` builds it.
+
+  The registered recipe ``mdeq_cifar_tiny`` gives the model (dropout 0.25,
+  Broyden 18/20 steps at tolerance 1e-3, IFT, 10 unrolled layers), the optimizer
+  and its schedule; the batch is w3ref's (:func:`workloads.w3_batch`).
+
+  Raises:
+    ValueError: for a kind other than ``"equilibrium"`` and ``"unrolled"``.
+  """
+  if kind not in workloads.REFERENCE_KINDS:
+    raise ValueError(f"unknown step kind {kind!r}; valid kinds are "
+                     f"{list(workloads.REFERENCE_KINDS)}")
+  experiment = configs.get(REFERENCE_RECIPE)
+  config = experiment.train
+  steps_per_epoch = CIFAR10_TRAIN_IMAGES // experiment.data.batch_size
+  schedule = train_lib.make_schedule(config, steps_per_epoch,
+                                     config.num_steps(steps_per_epoch))
+  optimizer = train_lib.make_optimizer(config, schedule)
+  jacobian = train_lib.JacobianSchedule.from_config(config, steps_per_epoch)
+  mesh = train_lib.data_mesh()
+  model = models.create(experiment_lib.model_config(experiment), rngs=nnx.Rngs(seed))
+  state = train_lib.replicate(train_lib.create_train_state(model, optimizer, seed=seed),
+                              mesh)
+  if kind == "unrolled":  # the loop's pretrain_step
+    step = train_lib.make_train_step(optimizer, jacobian, unrolled=True, mesh=mesh)
+  else:  # the loop's equilibrium_step
+    step = train_lib.make_train_step(optimizer, jacobian, unrolled=False,
+                                     regularized=False,
+                                     forward_budget=config.forward_budget, mesh=mesh)
+  arrays = workloads.w3_batch(seed)
+  batch = {"image": jnp.asarray(arrays["x"]), "label": jnp.asarray(arrays["labels"])}
+  return TrainingStep(kind=kind, state=state, batch=batch, step=step,
+                      solves=None if kind == "unrolled" else jax.jit(_solver_stats))
 
 
 def backend_started() -> bool:

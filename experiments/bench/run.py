@@ -23,13 +23,25 @@ Fair conditions, printed with the table:
   with glibc's defaults instead, as a plain PyTorch script runs);
 * W3's models must have the same number of parameters on both sides (checked).
 
+Workload ``w3ref`` (opt-in, not in the default run) sets jdeq beside the authors'
+own MDEQ code instead of TorchDEQ: MDEQ-Tiny's two training steps — equilibrium
+(Broyden, IFT) and unrolled pretraining — as jdeq's training loop compiles them
+(:func:`experiments.bench.jdeq_side.training_step`) and as the reference's
+``cls_function.train`` runs them (:mod:`experiments.bench.reference_side`, a worker
+in a Python with torch and the reference's imports), alternating round by round on
+the same batch. It needs ``--reference-dir``, a checkout of locuslab/deq; without
+it, or without a usable ``--reference-python`` (default: ``--torch-python``), it is
+skipped with a message and the other workloads run.
+
 Outputs (``--out``, default ``experiments/bench/results``): ``results.json``,
 ``<workload>_times.png``, ``memory_scaling.png``, and the markdown table, written
 into README.md between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (or to
 ``table.md`` in the output folder when the README has no such markers).
 
 Run: ``python -m experiments.bench [--workloads w1,w2,w3] [--variants
-default|all|LIST] [--scale S] [--threads N] [--torch-python PATH | --no-torch]``.
+default|all|LIST] [--scale S] [--threads N] [--torch-python PATH | --no-torch]``;
+``python -m experiments.bench --workloads w3ref --reference-dir DEQ
+[--reference-python PATH]`` for jdeq against the authors' code.
 The TorchDEQ interpreter defaults to ``$JDEQ_BENCH_TORCH_PYTHON`` or
 ``.venv-bench/bin/python`` in the repository root.
 """
@@ -57,6 +69,15 @@ MEMORY_WORKLOADS = ("w1", "w2")
 # about 2x on a 2-core CPU for W2's and W3's convolutions. Reductions stay with
 # YNNPACK: faster for MDEQ's GroupNorms (~10% of a W3 map evaluation).
 DEFAULT_XLA_FLAGS = ops.CPU_CONVOLUTION_FLAG
+TORCH_SIDE_MODULE = "experiments.bench.torch_side"
+REFERENCE_SIDE_MODULE = "experiments.bench.reference_side"
+# What the reference's MDEQ code imports beyond the standard library and NumPy.
+REFERENCE_IMPORTS = ("torch", "yacs", "termcolor", "scipy")
+REFERENCE_MISSING = (
+    "w3ref runs the authors' MDEQ code (github.com/locuslab/deq, MDEQ-Vision, commit "
+    "1fb7059) beside jdeq and needs --reference-dir, a checkout of it (never copied "
+    "into jdeq), and a Python with torch, yacs, termcolor and scipy "
+    "(requirements-bench.txt; --reference-python, default: --torch-python)")
 
 
 def default_torch_python() -> str:
@@ -75,6 +96,26 @@ def torch_side_problem(python: str) -> str | None:
   if probe.returncode != 0:
     reason = (probe.stderr.strip().splitlines() or ["no error output"])[-1]
     return f"{python!r} cannot import torch and torchdeq ({reason})"
+  return None
+
+
+def reference_problem(python: str, reference_dir: str | None) -> str | None:
+  """Why w3ref cannot run: no ``--reference-dir``, not a locuslab/deq checkout, or a
+  ``python`` that cannot import the reference's dependencies; None when it can."""
+  if not reference_dir:
+    return f"{REFERENCE_MISSING}; no --reference-dir given"
+  if not os.path.isfile(os.path.join(reference_dir, "MDEQ-Vision", "lib", "models",
+                                     "mdeq.py")):
+    return (f"--reference-dir {reference_dir!r} has no MDEQ-Vision/lib/models/mdeq.py; "
+            f"{REFERENCE_MISSING}")
+  if not os.path.exists(python):
+    return f"no reference interpreter at {python!r}; {REFERENCE_MISSING}"
+  probe = subprocess.run([python, "-c", "import " + ", ".join(REFERENCE_IMPORTS)],
+                         capture_output=True, text=True)
+  if probe.returncode != 0:
+    reason = (probe.stderr.strip().splitlines() or ["no error output"])[-1]
+    return (f"{python!r} cannot import {', '.join(REFERENCE_IMPORTS)} ({reason}); "
+            f"{REFERENCE_MISSING}")
   return None
 
 
@@ -104,14 +145,19 @@ def run_torch_side_once(python: str, option: str, request: dict,
 
 
 class TorchWorker:
-  """The TorchDEQ worker subprocess, spoken to in JSON lines."""
+  """A PyTorch worker subprocess, spoken to in JSON lines: the TorchDEQ side, or
+  another worker ``module`` (the authors' code of w3ref, the time-to-tolerance
+  sides) started with command-line ``arguments``."""
 
-  def __init__(self, python: str, threads: int, retain_memory: bool):
+  def __init__(self, python: str, threads: int, retain_memory: bool,
+               module: str = TORCH_SIDE_MODULE, label: str = "TorchDEQ",
+               arguments: tuple[str, ...] = ()):
     env = dict(child_environment(retain_memory), JDEQ_BENCH_TORCH_THREADS=str(threads))
     self.python = python
     self.retain_memory = retain_memory
+    self.label = label
     self.process = subprocess.Popen(
-        [python, "-m", "experiments.bench.torch_side"], cwd=REPO_ROOT, env=env,
+        [python, "-m", module, *arguments], cwd=REPO_ROOT, env=env,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
   def request(self, **message) -> dict:
@@ -119,10 +165,10 @@ class TorchWorker:
     self.process.stdin.flush()
     line = self.process.stdout.readline()
     if not line:
-      raise RuntimeError(f"the TorchDEQ worker exited (code {self.process.poll()})")
+      raise RuntimeError(f"the {self.label} worker exited (code {self.process.poll()})")
     reply = json.loads(line)
     if not reply.pop("ok"):
-      raise RuntimeError(f"TorchDEQ worker: {reply['error']}")
+      raise RuntimeError(f"{self.label} worker: {reply['error']}")
     return reply
 
   def memory(self, workload: str, variant: str, forward_iters: int) -> dict:
@@ -199,6 +245,57 @@ def measure_cell(workload: str, variant: str, worker: TorchWorker | None, *,
   return cell
 
 
+def measure_reference_cell(kind: str, worker: TorchWorker, reference_dir: str, *,
+                           reps: int, rounds: int, warmup: int) -> dict[str, Any]:
+  """w3ref's ``kind`` step ("equilibrium" or "unrolled"): jdeq's and the authors'
+  training step, in alternating rounds, each side advancing its own training.
+
+  The first call of each side's step is untimed, then ``warmup`` more; the solver
+  figures are read after the rounds.
+
+  Raises:
+    RuntimeError: if either model does not have MDEQ-Tiny's 158,890 parameters.
+  """
+  built = jdeq_side.training_step(kind)
+  parameters = built.parameter_count()
+  if parameters != workloads.W3_PARAMS:
+    raise RuntimeError(f"w3ref: the jdeq model has {parameters} parameters, MDEQ-Tiny "
+                       f"{workloads.W3_PARAMS}")
+  compile_figures = built.compile()
+  for _ in range(1 + warmup):
+    built.call()
+  reference_parameters = worker.request(cmd="setup", reference_dir=reference_dir,
+                                        kind=kind, warmup=1 + warmup)["parameters"]
+  if reference_parameters != workloads.W3_PARAMS:
+    raise RuntimeError(f"w3ref: the reference model has {reference_parameters} "
+                       f"parameters, MDEQ-Tiny {workloads.W3_PARAMS}")
+  jdeq_rounds, reference_rounds = [], []
+  for _ in range(rounds):
+    jdeq_rounds.append(timing.time_round(built.call, reps))
+    reference_rounds.append(worker.request(cmd="time", reps=reps)["step"])
+  jdeq_step, reference_step = _timing_dict(jdeq_rounds), _timing_dict(reference_rounds)
+  return {
+      "workload": workloads.W3REF.name, "variant": kind, "parameters": parameters,
+      "reference_parameters": reference_parameters, "reps": reps, "rounds": rounds,
+      "jdeq": {"timings": {"step": jdeq_step}, "compile": compile_figures,
+               "counts": built.counts()},
+      "reference": {"timings": {"step": reference_step},
+                    "counts": worker.request(cmd="counts")},
+      "ratio": {"step": reference_step["median"] / jdeq_step["median"]},
+  }
+
+
+def reference_line(cell: dict[str, Any], elapsed: float) -> str:
+  """The progress line of a w3ref cell: medians, their ratio, both sides' NFE."""
+  jd, ref = cell["jdeq"], cell["reference"]
+  return (f"w3ref {cell['variant']:<12} jdeq step "
+          f"{jd['timings']['step']['median'] * 1e3:9.1f} ms | reference step "
+          f"{ref['timings']['step']['median'] * 1e3:9.1f} ms  reference/jdeq "
+          f"{cell['ratio']['step']:.2f}  NFE fwd/bwd jdeq "
+          f"{report.nfe_pair(jd['counts'])}, reference "
+          f"{report.nfe_pair(ref['counts'])}  ({elapsed:.0f} s)")
+
+
 def measure_memory(workload_names, worker: TorchWorker | None) -> list[dict]:
   """Step memory for forward budgets 10/30/100, IFT against unrolled (W1, W2)."""
   rows = []
@@ -220,7 +317,8 @@ def measure_memory(workload_names, worker: TorchWorker | None) -> list[dict]:
 def parse_args(argv):
   parser = argparse.ArgumentParser(description="jdeq vs TorchDEQ benchmark")
   parser.add_argument("--workloads", default=",".join(workloads.DEFAULT_WORKLOADS),
-                      help="comma-separated workloads (w1, w2, w3)")
+                      help="comma-separated workloads (w1, w2, w3; w3ref, jdeq vs the "
+                           "authors' code, on request: it needs --reference-dir)")
   parser.add_argument("--variants", default="default",
                       help="'default' (each workload's own list), 'all' (every solver "
                            "x gradient, plus unrolled) or a comma-separated list like "
@@ -233,6 +331,12 @@ def parse_args(argv):
                       help="untimed calls per measure (default: the workload's)")
   parser.add_argument("--torch-python", default=default_torch_python())
   parser.add_argument("--no-torch", action="store_true", help="run the jdeq side only")
+  parser.add_argument("--reference-dir", default=None,
+                      help="w3ref: a checkout of github.com/locuslab/deq (its "
+                           "MDEQ-Vision code runs unmodified)")
+  parser.add_argument("--reference-python", default=None,
+                      help="w3ref: a Python with torch, yacs, termcolor and scipy "
+                           "(default: --torch-python)")
   parser.add_argument("--torch-malloc", choices=("retained", "default"), default="retained",
                       help="glibc malloc on the TorchDEQ side: 'retained' keeps freed "
                            "memory for reuse, as the jdeq side does (fair default); "
@@ -253,23 +357,27 @@ def parse_args(argv):
 
 
 def configure_processes(threads: int, xla_flags: str) -> dict:
-  """Pins the cores, sets XLA's flags and makes malloc keep freed memory (on both
-  sides); must run before JAX starts its backend.
+  """Pins the cores, sets XLA's flags (and the convolution weight-gradient form that
+  suits them) and makes malloc keep freed memory (on both sides); must run before
+  JAX starts its backend.
 
   Returns:
-    The conditions to report: cores per side, the XLA flags in effect and whether
-    freed memory is retained.
+    The conditions to report: cores per side, the XLA flags in effect, jdeq's
+    weight-gradient form and whether freed memory is retained.
   """
   cores = timing.pin_threads(threads)
   retained = ops.retain_freed_host_memory()
   if xla_flags:
     os.environ["XLA_FLAGS"] = " ".join(
         f for f in (os.environ.get("XLA_FLAGS", ""), xla_flags) if f)
+  # The weight-gradient form that suits those convolutions, as every entry point
+  # gets from ops.tune_cpu_runtime.
+  weight_gradient = ops.match_weight_gradient_to_convolutions()
   if jdeq_side.backend_started():
     print("WARNING: JAX started before the benchmark could set its threads and XLA "
           "flags; they may not apply", flush=True)
   return {"threads": cores, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "retained_freed_memory": retained}
+          "weight_gradient": weight_gradient, "retained_freed_memory": retained}
 
 
 def _variants_of(spec: workloads.Workload, requested: str) -> tuple[str, ...]:
@@ -301,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     print(warning, flush=True)
 
   worker = None
-  if not args.no_torch:
+  # w3ref's reference side is its own worker; TorchDEQ is needed by the others only.
+  if not args.no_torch and any(n != workloads.W3REF.name for n in workload_names):
     problem = torch_side_problem(args.torch_python)
     if problem is None:
       worker = TorchWorker(args.torch_python, conditions["threads"],
@@ -311,16 +420,41 @@ def main(argv: list[str] | None = None) -> int:
       print(f"WARNING: {problem} (create the PyTorch side's environment from "
             "requirements-bench.txt or pass --torch-python); running jdeq only", flush=True)
   results: dict[str, Any] = {"device": device, "load": load, "warning": warning,
-                             "conditions": conditions, "cells": [], "memory": []}
+                             "conditions": conditions, "cells": [], "memory": [],
+                             "skipped": {}}
+  reference = None
+  if workloads.W3REF.name in workload_names:
+    reference_dir = args.reference_dir and os.path.abspath(args.reference_dir)
+    problem = reference_problem(args.reference_python or args.torch_python,
+                                reference_dir)
+    if problem is None:
+      reference = TorchWorker(args.reference_python or args.torch_python,
+                              conditions["threads"],
+                              retain_memory=args.torch_malloc == "retained",
+                              module=REFERENCE_SIDE_MODULE, label="reference")
+      conditions["reference_retained_freed_memory"] = reference.retain_memory
+    else:
+      print(f"WARNING: {problem}; skipping w3ref", flush=True)
+      results["skipped"][workloads.W3REF.name] = problem
   try:
     if worker:
       results["torch_device"] = worker.request(cmd="info")["device"]
       print(f"TorchDEQ side: {results['torch_device']}", flush=True)
+    if reference:
+      results["reference_device"] = reference.request(cmd="info")["device"]
+      print(f"reference side: {results['reference_device']}", flush=True)
     for name in workload_names:
       spec = workloads.workload(name)
       reps = max(1, round(spec.reps * args.scale))
       rounds = args.rounds or spec.rounds
       warmup = spec.warmup if args.warmup is None else args.warmup
+      if name == workloads.W3REF.name:
+        for kind in workloads.REFERENCE_KINDS if reference else ():
+          cell = measure_reference_cell(kind, reference, reference_dir, reps=reps,
+                                        rounds=rounds, warmup=warmup)
+          results["cells"].append(cell)
+          print(reference_line(cell, time.perf_counter() - started), flush=True)
+        continue
       for variant in _variants_of(spec, args.variants):
         cell = measure_cell(name, variant, worker, reps=reps, rounds=rounds,
                             warmup=warmup)
@@ -335,13 +469,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_memory:
       results["memory"] = measure_memory(workload_names, worker)
   finally:
-    if worker:
-      worker.close()
+    for side in (worker, reference):
+      if side:
+        side.close()
 
   results["end_load"] = timing.machine_load()
   results["wall_s"] = time.perf_counter() - started
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
+  if not results["cells"]:  # a README table of nothing would replace the last one
+    print("nothing was measured; no table or charts written", flush=True)
+    return 0
   table = report.readme_section(results)
   print(table)
   fallback = os.path.join(args.out, "table.md")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from typing import Callable
@@ -42,7 +41,7 @@ from torchdeq import get_deq, reset_deq
 from torchdeq.loss import fp_correction
 from torchdeq.norm import apply_norm
 
-from experiments.bench import timing, torch_mdeq, workloads
+from experiments.bench import timing, torch_mdeq, worker, workloads
 
 TORCHDEQ_SOLVER_NAMES = {"fixed_point_iteration": "fixed_point_iter",
                          "anderson": "anderson", "broyden": "broyden"}
@@ -301,7 +300,7 @@ class Cell:
 
 def describe() -> dict:
   where = (f"cuda ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda"
-           else f"cpu ({platform.processor() or platform.machine()})")
+           else worker.cpu_description())
   return {
       "device": f"{where}, torch {torch.__version__}, {torch.get_num_threads()} threads",
       "torch": torch.__version__, "torchdeq": getattr(torchdeq, "__version__", "0.1.0"),
@@ -356,51 +355,40 @@ def measure_memory(workload: str, variant: str, forward_iters: int) -> dict:
   return {"rss_delta_bytes": max(peak - before, 0), "saved_bytes": sum(saved.values())}
 
 
-def _use_runner_threads() -> None:
-  """The thread count the runner chose for both sides (``JDEQ_BENCH_TORCH_THREADS``)."""
-  threads = int(os.environ.get("JDEQ_BENCH_TORCH_THREADS", "0"))
-  if threads > 0:
-    torch.set_num_threads(threads)
-
-
 def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
   """Answers JSON-line requests until ``quit`` or end of input."""
-  _use_runner_threads()
+  threads = worker.runner_threads()
+  if threads > 0:
+    torch.set_num_threads(threads)
   cell = None
   bare_call = None
-  for line in stdin:
-    request = json.loads(line)
+
+  def handle(request: dict) -> dict:
+    nonlocal cell, bare_call
     command = request.get("cmd")
-    try:
-      if command == "quit":
-        break
-      if command == "info":
-        reply = describe()
-      elif command == "setup":
-        cell = Cell(request["workload"], request["variant"],
-                    request.get("forward_iters"), request.get("seed", 0))
-        bare_call = None
-        for _ in range(request.get("warmup", 2)):
-          cell.timed_step()
-        reply = {"parameters": parameter_count(cell.model)}
-      elif command == "time":
-        steps = [cell.timed_step() for _ in range(request["reps"])]
-        reply = {"forward": [s[0] for s in steps], "backward": [s[1] for s in steps],
-                 "step": [s[2] for s in steps]}
-      elif command == "bare":
-        if bare_call is None:
-          bare_call = cell.bare(request["evaluations"], request["vjps"])
-          bare_call()
-        reply = {"bare": timing.time_round(bare_call, request["reps"])}
-      elif command == "counts":
-        reply = cell.counts()
-      else:
-        raise ValueError(f"unknown command {command!r}")
-      reply["ok"] = True
-    except Exception as error:  # pylint: disable=broad-except  (reported to the runner)
-      reply = {"ok": False, "error": f"{type(error).__name__}: {error}"}
-    stdout.write(json.dumps(reply) + "\n")
-    stdout.flush()
+    if command == "info":
+      return describe()
+    if command == "setup":
+      cell = Cell(request["workload"], request["variant"],
+                  request.get("forward_iters"), request.get("seed", 0))
+      bare_call = None
+      for _ in range(request.get("warmup", 2)):
+        cell.timed_step()
+      return {"parameters": parameter_count(cell.model)}
+    if command == "time":
+      steps = [cell.timed_step() for _ in range(request["reps"])]
+      return {"forward": [s[0] for s in steps], "backward": [s[1] for s in steps],
+              "step": [s[2] for s in steps]}
+    if command == "bare":
+      if bare_call is None:
+        bare_call = cell.bare(request["evaluations"], request["vjps"])
+        bare_call()
+      return {"bare": timing.time_round(bare_call, request["reps"])}
+    if command == "counts":
+      return cell.counts()
+    raise worker.unknown_command(request)
+
+  worker.serve_json_lines(handle, stdin, stdout)
 
 
 def main(argv: list[str] | None = None) -> int:

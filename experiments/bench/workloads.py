@@ -45,7 +45,7 @@ class Workload:
   """One benchmark problem.
 
   Attributes:
-    name: ``"w1"``, ``"w2"`` or ``"w3"``.
+    name: ``"w1"``, ``"w2"``, ``"w3"`` or ``"w3ref"``.
     title: a human description.
     batch: batch size.
     forward_iters: forward solver budget (map evaluations).
@@ -102,7 +102,18 @@ W3 = Workload(
     name="w3", title="MDEQ-Tiny (CIFAR-10 config), 32x32", batch=64,
     forward_iters=18, backward_iters=20, default_variants=("anderson/ift",),
     reps=1, rounds=3, warmup=1)
-WORKLOADS = {w.name: w for w in (W1, W2, W3)}
+# Opt-in (it needs a checkout of the authors' code): MDEQ-Tiny's own training steps
+# in jdeq and in locuslab/deq's MDEQ-Vision, each side training as its own loop does
+# (Broyden 18/20 steps at the yaml's tolerance 1e-3, IFT, Adam 1e-3), on W3's batch.
+# Its "variants" are the two steps of an MDEQ run (REFERENCE_KINDS); budgets are
+# the yaml's F_THRES/B_THRES Broyden steps.
+W3REF = Workload(
+    name="w3ref", title="MDEQ-Tiny (CIFAR-10 config), 32x32, each side's own "
+    "training step (jdeq vs the authors' locuslab/deq code)", batch=64,
+    forward_iters=18, backward_iters=20, default_variants=("equilibrium", "unrolled"),
+    reps=1, rounds=3, warmup=1)
+REFERENCE_KINDS = W3REF.default_variants
+WORKLOADS = {w.name: w for w in (W1, W2, W3, W3REF)}
 DEFAULT_WORKLOADS = ("w1", "w2", "w3")
 
 # Shapes of W1 and W2.

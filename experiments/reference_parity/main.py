@@ -3,7 +3,7 @@
     python -m experiments.reference_parity.main --reference-dir path/to/deq \\
         --torch-python path/to/python-with-torch --data-dir TFDS_DIR --out DIR \\
         [--unrolled-steps 20] [--equilibrium-steps 10] [--batch-size 16] \\
-        [--tol 1e-3]
+        [--tol 1e-3] [--stop-scope batch|sample] [--float64]
 
 The reference (a locuslab/deq checkout; commit 1fb7059 was used) builds MDEQ-Tiny
 from its yaml with its own initialization; its initial weights are transplanted
@@ -22,9 +22,11 @@ and backward residuals (each side's batch-wide relative residual
 ``‖f(z) − z‖ / ‖f(z)‖``, the reference's stopping quantity) and NFE. Written to
 ``DIR/parity.json`` and ``DIR/parity.png``.
 
-``--tol`` sets both sides' solver tolerance: at the reference's 1e-3 the two stop
-differently (the reference stops the batch when the batch's residual reaches it,
-jdeq each sample on its own); at 0 both run their full budgets.
+``--tol`` sets both sides' solver tolerance (at 0 both run their full budgets). The
+reference stops the batch when the batch's residual reaches it and keeps the step
+with the lowest batch residual; jdeq's solvers do the same here
+(``--stop-scope batch``, the default, a solver's ``stop_scope="batch"``), or stop
+and keep their best iterate per sample, jdeq's own default (``--stop-scope sample``).
 """
 
 from __future__ import annotations
@@ -65,15 +67,19 @@ MISSING = ("the parity harness runs the authors' MDEQ code beside jdeq and needs
            "and --torch-python (a Python with torch, e.g. from requirements-bench.txt)")
 
 
-def model_config(tol: float, base: Optional[models.MDEQConfig] = None
-                 ) -> models.MDEQConfig:
-  """``base`` (default MDEQ-Tiny) without dropout, both solvers at tolerance ``tol``."""
+def model_config(tol: float, base: Optional[models.MDEQConfig] = None,
+                 stop_scope: str = "batch") -> models.MDEQConfig:
+  """``base`` (default MDEQ-Tiny) without dropout, every solver at tolerance ``tol``
+  and with ``stop_scope`` (``"batch"``: stopping and best iterate decided on the
+  whole batch's residual, as the reference's solvers decide them)."""
   base = models.get_config(MODEL) if base is None else base
-  backward = dataclasses.replace(base.grad.solver, tol=tol)
-  return dataclasses.replace(base, dropout=0.0,
-                             solver=dataclasses.replace(base.solver, tol=tol),
-                             eval_solver=dataclasses.replace(base.eval_solver, tol=tol),
-                             grad=jdeq.IFT(backward))
+
+  def scoped(solver):
+    return dataclasses.replace(solver, tol=tol, stop_scope=stop_scope)
+
+  return dataclasses.replace(base, dropout=0.0, solver=scoped(base.solver),
+                             eval_solver=scoped(base.eval_solver),
+                             grad=jdeq.IFT(scoped(base.grad.solver)))
 
 
 def load_batches(data_dir: Optional[str], steps: int, batch_size: int) -> dict:
@@ -166,14 +172,14 @@ def flat_params(model: nnx.Module, names: Sequence[str]) -> np.ndarray:
 def run_jdeq(reference: Mapping[str, np.ndarray], batches: Mapping[str, np.ndarray],
              unrolled_steps: int, tol: float, lr: float = 1e-3,
              base: Optional[models.MDEQConfig] = None,
-             float64: bool = False) -> dict[str, list]:
+             float64: bool = False, stop_scope: str = "batch") -> dict[str, list]:
   """jdeq's side: the transplanted model trained on ``batches``; per-step records.
 
   ``reference`` holds the reference's initial weights (``init/NAME``) and the
   parameter order ``names``; ``base`` is the MDEQ configuration (default
   MDEQ-Tiny); ``float64`` runs the model in float64 (needs ``jax_enable_x64``).
   """
-  model = models.create(model_config(tol, base), rngs=nnx.Rngs(0))
+  model = models.create(model_config(tol, base, stop_scope), rngs=nnx.Rngs(0))
   if float64:
     model = _as_float64(model)
   transplant.load(model, {key[len("init/"):]: value for key, value in reference.items()
@@ -311,6 +317,10 @@ def parser() -> argparse.ArgumentParser:
   result.add_argument("--tol", type=float, default=1e-3,
                       help="both sides' solver tolerance (0: full budgets)")
   result.add_argument("--threads", type=int, default=None)
+  result.add_argument("--stop-scope", choices=("batch", "sample"), default="batch",
+                      help="jdeq's solvers stop and keep their best iterate on the "
+                           "whole batch's residual, as the reference's do (batch), or "
+                           "per sample, jdeq's default (sample)")
   result.add_argument("--float64", action="store_true",
                       help="both sides in float64 (float32 round-off grows through "
                            "the map's unstable iterations; float64 shows the maths)")
@@ -337,13 +347,13 @@ def main(argv: Optional[Sequence[str]] = None,
     with np.load(reference_path) as stored:
       reference = {key: stored[key] for key in stored.files}
   ours = run_jdeq(reference, batches, args.unrolled_steps, args.tol,
-                  float64=args.float64)
+                  float64=args.float64, stop_scope=args.stop_scope)
   rows = compare(reference, ours, args.unrolled_steps)
   result = dict(settings=dict(model=MODEL, batch_size=args.batch_size,
                               unrolled_steps=args.unrolled_steps,
                               equilibrium_steps=args.equilibrium_steps, tol=args.tol,
                               lr=1e-3, total_steps=TOTAL_STEPS, dropout=0.0,
-                              float64=args.float64),
+                              float64=args.float64, stop_scope=args.stop_scope),
                 summary=summary(rows), steps=rows)
   with open(os.path.join(args.out, "parity.json"), "w") as handle:
     json.dump(result, handle, indent=1)

@@ -92,7 +92,7 @@ def fixed_point(
     backward_probe = backward_stats_probe(layout.batch_size, layout.dtype)
 
   if isinstance(grad, Unrolled):
-    return _unrolled(f, z0, args, grad.steps, layout)
+    return _unrolled(f, z0, args, grad, layout)
   if isinstance(grad, IFT):
     closed_f, consts = jax.closure_convert(f, z0, *args)
     z_star, stats, _ = _implicit(closed_f, grad.solver, solver, layout)(
@@ -259,26 +259,30 @@ def _phantom(f, z_star, args, grad: Phantom):
       return jax.tree.map(lambda a, b: (1 - damping) * a + damping * b,
                           h, f(h, *args))
 
-  return jax.lax.fori_loop(0, grad.k, lambda _, h: step(h), z_star)
+  return _iterate_steps(step, z_star, grad.k, grad.unroll)
 
 
-def _unrolled(f, z0, args, steps, layout):
-  """``steps`` plain iterations, differentiated by ordinary autodiff (memory ∝ steps)."""
+def _iterate_steps(step, z, steps, unroll):
+  """``steps`` applications of ``step`` as one ``lax.scan`` (``unroll`` as its own)."""
+  if steps == 0:
+    return z
+  return jax.lax.scan(lambda h, _: (step(h), None), z, None, length=steps,
+                      unroll=unroll)[0]
 
-  def step(z, _):
-    fz = f(z, *args)
-    return fz, batched_tree.flatten(fz, layout) - batched_tree.flatten(z, layout)
 
-  z, updates = jax.lax.scan(step, z0, None, length=steps)
+def _unrolled(f, z0, args, grad: Unrolled, layout):
+  """``grad.steps`` plain iterations, differentiated by ordinary autodiff (memory ∝ steps)."""
+  before_last = _iterate_steps(lambda z: f(z, *args), z0, grad.steps - 1, grad.unroll)
+  z = f(before_last, *args)
   # The last update is the residual f(z_{T−1}) − z_{T−1}: free, and within one step
   # of the returned iterate.
-  last = jax.lax.stop_gradient(updates[-1])
   mapped = jax.lax.stop_gradient(batched_tree.flatten(z, layout))
+  last = mapped - jax.lax.stop_gradient(batched_tree.flatten(before_last, layout))
   abs_res = batched_tree.per_sample_norm(last)
   rel_res = abs_res / (batched_tree.per_sample_norm(mapped) + jnp.finfo(last.dtype).tiny)
   batch = layout.batch_size
   stats = SolverStats(
-      nstep=jnp.full((batch,), steps, jnp.int32), abs_residual=abs_res,
+      nstep=jnp.full((batch,), grad.steps, jnp.int32), abs_residual=abs_res,
       rel_residual=rel_res, converged=jnp.zeros((batch,), bool),
       diverged=~jnp.isfinite(abs_res), trace=jnp.zeros((batch, 0), last.dtype))
   return z, stats

@@ -70,16 +70,20 @@ class Phantom:
     k: number of differentiated steps.
     damping: ``λ ∈ (0, 1]``.
     neumann: use the Neumann-series variant.
+    unroll: how the ``k`` steps are written into the program (see
+      :class:`Unrolled`); changes speed and compile time only, never values.
   """
   k: int = 5
   damping: float = 0.5
   neumann: bool = False
+  unroll: Union[bool, int] = 32
 
   def __post_init__(self) -> None:
     require(isinstance(self.k, int) and self.k >= 1, self,
             f"k must be an integer >= 1, got {self.k!r}")
     require(0 < self.damping <= 1, self,
             f"damping must be in (0, 1], got {self.damping!r}")
+    _check_unroll(self, self.unroll)
 
 
 @config
@@ -93,12 +97,30 @@ class Unrolled:
 
   No solver runs; memory grows linearly with ``steps``. This is MDEQ's
   "pretraining" mode and the baseline the implicit modes are compared with.
+
+  Attributes:
+    steps: number of iterations.
+    unroll: how the iterations are written into the program, as
+      ``jax.lax.scan``'s ``unroll``: an integer ``u`` writes ``u`` steps out per
+      loop iteration, and a loop of at most ``u`` steps completely, so XLA compiles
+      their derivatives as top-level code (on XLA:CPU, convolution derivatives
+      inside loops run slower; ``docs/benchmarks.md``). The default 32 writes out
+      every depth MDEQ pretrains with; ``True`` writes out any ``steps``; ``1`` (or
+      ``False``) keeps a rolled loop, whose compile time does not grow with
+      ``steps``. Speed, memory layout and compile time only: the values are the same.
   """
   steps: int = 10
+  unroll: Union[bool, int] = 32
 
   def __post_init__(self) -> None:
     require(isinstance(self.steps, int) and self.steps >= 1, self,
             f"steps must be an integer >= 1, got {self.steps!r}")
+    _check_unroll(self, self.unroll)
+
+
+def _check_unroll(owner, unroll) -> None:
+  require(isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1), owner,
+          f"unroll must be True, False or an integer >= 1, got {unroll!r}")
 
 
 GradientMode = Union[IFT, Phantom, JFB, Unrolled]

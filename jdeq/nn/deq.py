@@ -130,6 +130,20 @@ def _jacobian_term(f, z, params, prepared, injection, jac_probes: int,
                               key=jacobian_key, num_probes=jac_probes)
 
 
+def _applied_once_more(f, z_star, grad, *args):
+  """``f(z*)`` for ``train_output="f_z_star"``, with IFT's gradient that of ``z*``.
+
+  Under IFT the value is ``f(z*)`` and the tangent is ``z*``'s own
+  (``sg(f(z*)) + z* − sg(z*)``, exactly ``f(z*)`` in value), so the backward solve
+  takes the output's cotangent as its right-hand side, as the reference's hook does.
+  """
+  image = f(z_star, *args)
+  if not isinstance(grad, jdeq.IFT):
+    return image
+  return jax.tree.map(lambda fz, z: jax.lax.stop_gradient(fz) + (z - jax.lax.stop_gradient(z)),
+                      image, z_star)
+
+
 #: The choices of :class:`DEQ`'s ``train_output``.
 TRAIN_OUTPUTS = ("z_star", "f_z_star")
 
@@ -150,10 +164,14 @@ class DEQ(nnx.Module):
       ``z*``) or ``"f_z_star"``, one more application of the cell,
       ``f(z*)``, with the solve's prepared arrays (weight-normalized kernels,
       dropout masks), as the reference MDEQ and DEQ-Transformer read their
-      equilibrium in training. With IFT both have the gradient ``u ∂f/∂θ``,
-      ``u = ∂ℓ/∂z (I − J)⁻¹``; ``f(z*)`` differs from ``z*`` by the residual and
-      costs one evaluation more. Evaluation and the unrolled mode always return
-      their own state.
+      equilibrium in training. With IFT both have the gradient ``u ∂f/∂θ`` at
+      ``z*``, ``u`` from the one backward solve ``u = u J + ∂ℓ/∂out`` — for
+      ``f(z*)`` exactly as the reference's backward hook on ``f(z*)`` computes it
+      (differentiating through the extra application instead would solve for
+      ``∂ℓ/∂out · J``, equal only when the backward solve converges); ``f(z*)``
+      differs from ``z*`` by the residual and costs one evaluation more. With
+      ``Phantom`` or ``JFB`` the extra application is differentiated like the
+      others. Evaluation and the unrolled mode always return their own state.
 
   In evaluation mode (``train=False``) the layer returns the solver's ``z*``
   itself, whatever ``grad`` is: the extra map evaluations of ``Phantom`` (its ``k``
@@ -241,7 +259,7 @@ class DEQ(nnx.Module):
     jac_loss = _jacobian_term(f, z_star, params, prepared, injection, jac_probes,
                               jacobian_key)
     if train and not unrolled and self.train_output == "f_z_star":
-      z_star = f(z_star, params, prepared, injection)
+      z_star = _applied_once_more(f, z_star, grad, params, prepared, injection)
     return z_star, DEQAux(stats, jac_loss)
 
   def fixed_point_states(self, injection: PyTree, *, indices: Sequence[int],

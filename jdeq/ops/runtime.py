@@ -38,7 +38,22 @@ def tune_cpu_runtime() -> None:
   retain_freed_host_memory()
   flags = os.environ.get("XLA_FLAGS", "")
   if _YNN_OPTION not in flags:
-    flags = f"{flags} {CPU_CONVOLUTION_FLAG}".strip()
-    os.environ["XLA_FLAGS"] = flags
-  eigen_convolutions = _YNN_WITHOUT_CONVOLUTIONS in flags
-  conv.set_cpu_weight_gradient("forward_conv" if eigen_convolutions else "im2col")
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_CONVOLUTION_FLAG}".strip()
+  match_weight_gradient_to_convolutions()
+
+
+def match_weight_gradient_to_convolutions() -> str:
+  """Selects the weight-gradient form that suits the convolutions ``XLA_FLAGS`` selects.
+
+  ``"forward_conv"`` when XLA's own convolutions run (:data:`CPU_CONVOLUTION_FLAG`),
+  ``"im2col"`` for YNNPACK's (XLA:CPU's default); see
+  :func:`jdeq.ops.set_cpu_weight_gradient`. For a process that sets ``XLA_FLAGS``
+  itself (a benchmark's), after it does and before the first convolution is traced.
+
+  Returns:
+    The form selected.
+  """
+  eigen_convolutions = _YNN_WITHOUT_CONVOLUTIONS in os.environ.get("XLA_FLAGS", "")
+  form = "forward_conv" if eigen_convolutions else "im2col"
+  conv.set_cpu_weight_gradient(form)
+  return form

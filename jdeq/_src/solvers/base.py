@@ -17,6 +17,12 @@ must be the same for all of them and is decided per sample:
   while the relative residual stays bounded (a linear map of spectral radius ≫ 1);
 * each sample returns the iterate with its lowest residual, not the last one.
 
+With ``stop_scope="batch"`` the residual is instead measured on the whole batch as
+one vector, and stopping, the divergence break and the choice of the returned
+iterate (the step with the lowest batch residual) are decided for all samples at
+once, as the DEQ authors' own solvers decide them (locuslab/deq); the solver's
+proposals stay per sample.
+
 The loop is a ``lax.while_loop``: no host synchronisation per step, static shapes.
 """
 
@@ -35,6 +41,7 @@ from jdeq._src.stats import SolverStats
 
 FlatMap = Callable[[jax.Array], jax.Array]
 STOP_MODES = ("abs", "rel")
+STOP_SCOPES = ("sample", "batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,18 +57,25 @@ class AbstractSolver:
       stop-mode residual above ``r`` times the sample's best one (the reference
       solvers' protective break), or an iterate or absolute residual above ``r``
       times the sample's initial scale, flags the sample as diverged.
+    stop_scope: ``"sample"`` (each sample stops, diverges and keeps its best
+      iterate on its own residual) or ``"batch"`` (on the residual of the whole
+      batch, ``‖f(Z) − Z‖_F`` or ``‖f(Z) − Z‖_F / ‖f(Z)‖_F``: every sample stops at
+      the same evaluation and returns the iterate of the step with the lowest
+      batch residual, as locuslab/deq's solvers do; for parity with that code).
   """
   max_iter: int = 50
   tol: float = 1e-3
   stop_mode: str = "rel"
   record_trace: bool = dataclasses.field(default=False, kw_only=True)
   divergence_ratio: float = dataclasses.field(default=1e4, kw_only=True)
+  stop_scope: str = dataclasses.field(default="sample", kw_only=True)
 
   def __post_init__(self) -> None:
     require(isinstance(self.max_iter, int) and self.max_iter >= 1, self,
             f"max_iter must be an integer >= 1, got {self.max_iter!r}")
     require(self.tol > 0, self, f"tol must be > 0, got {self.tol!r}")
     require_choice(self, "stop_mode", self.stop_mode, STOP_MODES)
+    require_choice(self, "stop_scope", self.stop_scope, STOP_SCOPES)
     require_positive(self, divergence_ratio=self.divergence_ratio)
     require(self.divergence_ratio > 1, self,
             f"divergence_ratio must be > 1, got {self.divergence_ratio!r}")
@@ -75,14 +89,20 @@ class AbstractSolver:
     raise NotImplementedError
 
 
-def _measure(z: jax.Array, fz: jax.Array, stop_mode: str):
+def _measure(z: jax.Array, fz: jax.Array, stop_mode: str, stop_scope: str = "sample"):
   # Materialize f(z) once: left to itself, XLA fuses the map's last operations (a
   # normalization, say) into every consumer below and recomputes them in each pass.
   fz = jax.lax.optimization_barrier(fz)
   g = fz - z
   abs_res = batched_tree.per_sample_norm(g)
-  rel_res = abs_res / (batched_tree.per_sample_norm(fz) + jnp.finfo(z.dtype).tiny)
+  image_norm = batched_tree.per_sample_norm(fz)
+  rel_res = abs_res / (image_norm + jnp.finfo(z.dtype).tiny)
   crit = abs_res if stop_mode == "abs" else rel_res
+  if stop_scope == "batch":  # the Frobenius norms of the whole batch, for every sample
+    batch_abs = jnp.sqrt(jnp.sum(jnp.square(abs_res)))
+    batch_crit = batch_abs if stop_mode == "abs" else batch_abs / (
+        jnp.sqrt(jnp.sum(jnp.square(image_norm))) + jnp.finfo(z.dtype).tiny)
+    crit = jnp.broadcast_to(batch_crit, crit.shape)
   # A non-finite entry of f(z) (or z) makes ‖g‖ inf or NaN, so checking the norms
   # catches it without a pass of its own over f(z). NaN and inf compare false
   # everywhere below; make them an explicit +inf.
@@ -105,6 +125,13 @@ def _initial_scale(z0: jax.Array, fz0: jax.Array) -> jax.Array:
 def _grew(z: jax.Array, abs_res: jax.Array, limit: jax.Array) -> jax.Array:
   """``‖z‖ > limit`` or ``‖f(z) − z‖ > limit``, per sample (NaN compares false)."""
   return (batched_tree.per_sample_norm(z) > limit) | (abs_res > limit)
+
+
+def _scoped(flags: jax.Array, stop_scope: str) -> jax.Array:
+  """Per-sample flags, or under ``stop_scope="batch"`` any sample's flag for all."""
+  if stop_scope == "batch":
+    return jnp.broadcast_to(jnp.any(flags), flags.shape)
+  return flags
 
 
 def check_budget(solver: AbstractSolver, budget: Any) -> None:
@@ -235,10 +262,10 @@ def _drive(solver, fn, z0, budget, record_at):
     return jax.lax.dynamic_update_index_in_dim(recorded, best_z, slot, 0)
 
   fz0 = fn(z0)
-  g0, abs0, rel0, crit0 = _measure(z0, fz0, solver.stop_mode)
+  g0, abs0, rel0, crit0 = _measure(z0, fz0, solver.stop_mode, solver.stop_scope)
   growth_limit = solver.divergence_ratio * _initial_scale(z0, fz0)
   converged0 = crit0 <= solver.tol
-  diverged0 = ~jnp.isfinite(crit0)
+  diverged0 = _scoped(~jnp.isfinite(crit0), solver.stop_scope)
   trace0 = jnp.zeros((batch, trace_len), z0.dtype)
   if trace_len:
     trace0 = trace0.at[:, 0].set(crit0)
@@ -260,10 +287,10 @@ def _drive(solver, fn, z0, budget, record_at):
     z = jnp.where(active[:, None], proposal, c["z"])
     # g is not masked: an inactive sample keeps its z, so f(z) and g are the ones it
     # had, and its proposal is discarded anyway.
-    g, abs_res, rel_res, crit = _measure(z, fn(z), solver.stop_mode)
+    g, abs_res, rel_res, crit = _measure(z, fn(z), solver.stop_mode, solver.stop_scope)
     improved = active & (crit < c["best_crit"])
-    exploded = active & ((crit > solver.divergence_ratio * c["best_crit"])
-                         | _grew(z, abs_res, growth_limit))
+    exploded = active & _scoped((crit > solver.divergence_ratio * c["best_crit"])
+                                | _grew(z, abs_res, growth_limit), solver.stop_scope)
     converged = active & (crit <= solver.tol)
     last_crit = jnp.where(active, crit, c["last_crit"])
     trace = c["trace"]

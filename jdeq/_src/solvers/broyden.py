@@ -14,12 +14,15 @@ from jdeq._src.solvers.base import AbstractSolver
 
 class BroydenState(NamedTuple):
   us: jax.Array        # (B, memory, D)
-  vs: jax.Array        # (B, memory, D); H = −I + Σᵢ live ᵢ uᵢ vᵢᵀ
+  vs: jax.Array        # (B, memory, D); H = −I + Σᵢ live ᵢ uᵢ vᵢᵀ, once pending is in
   live: jax.Array      # (memory,) 1 for the pairs of the current estimate, else 0
   previous_z: jax.Array
   previous_g: jax.Array
   previous_hg: jax.Array  # H g at the previous iterate, with the H that stepped from it
   count: jax.Array
+  pending_u: jax.Array  # (B, D): the newest pair, written into slot pending_slot
+  pending_v: jax.Array  # of us/vs at the start of the next step
+  pending_slot: jax.Array
 
 
 @config
@@ -50,15 +53,24 @@ class Broyden(AbstractSolver):
     batch, dim = z.shape
     zeros = jnp.zeros((batch, self.memory, dim), z.dtype)
     live = jnp.zeros((self.memory,), z.dtype)
-    return BroydenState(zeros, zeros, live, z, g, -g, jnp.asarray(0, jnp.int32))
+    no_pair = jnp.zeros_like(z)
+    first = jnp.asarray(0, jnp.int32)
+    return BroydenState(zeros, zeros, live, z, g, -g, first, no_pair, no_pair, first)
 
   def propose(self, state: BroydenState, z: jax.Array, g: jax.Array):
+    # The previous step's pair is written first, before this step reads the buffers:
+    # written after the reads, XLA:CPU copies a whole (B, memory, D) buffer each step
+    # to keep the old values for them.
+    us = jax.lax.dynamic_update_index_in_dim(state.us, state.pending_u,
+                                             state.pending_slot, 1)
+    vs = jax.lax.dynamic_update_index_in_dim(state.vs, state.pending_v,
+                                             state.pending_slot, 1)
     # Two low-rank products per step instead of three: H y = H g − H g_prev reuses
     # the previous step's H g_prev, and the updated H' g = H g + u (vᵀ g).
     s = z - state.previous_z
-    h_g = _apply_inverse(state.us, state.vs, state.live, g)
+    h_g = _apply_inverse(us, vs, state.live, g)
     h_y = h_g - state.previous_hg
-    s_h = _apply_inverse(state.vs, state.us, state.live, s)  # sᵀH, transposed factors
+    s_h = _apply_inverse(vs, us, state.live, s)  # sᵀH, transposed factors
     denominator = per_sample_dot(s, h_y)
     size = per_sample_norm(s) * per_sample_norm(h_y)
     usable = (jnp.abs(denominator) > 1e-6 * size) & (size > 0)
@@ -72,12 +84,11 @@ class Broyden(AbstractSolver):
     slot = jnp.maximum(state.count - 1, 0) % self.memory
     restart = (slot == 0) & (state.count > 1)
     live = jnp.where(restart, jnp.zeros_like(state.live), state.live).at[slot].set(1.0)
-    us = state.us.at[:, slot].set(u)
-    vs = state.vs.at[:, slot].set(v)
     new_h_g = (jnp.where(restart, -g, h_g)
                + u * per_sample_dot(v, g)[:, None])
     proposal = z - new_h_g
-    return proposal, BroydenState(us, vs, live, z, g, new_h_g, state.count + 1)
+    return proposal, BroydenState(us, vs, live, z, g, new_h_g, state.count + 1,
+                                  u, v, slot)
 
 
 def _apply_inverse(us: jax.Array, vs: jax.Array, live: jax.Array,
