@@ -137,6 +137,42 @@ def test_jdeq_half_against_a_fake_reference(tmp_path):
   assert "equilibrium" in parity.report(rows)
 
 
+def test_reference_self_check_sets_and_reports_the_reference_spread(tmp_path):
+  args = parity.parser().parse_args([])
+  assert args.self_check == "threads"
+  assert parity.rerun_settings(args, "threads").threads == 1
+  one = parity.parser().parse_args(["--threads", "1"])
+  changed = parity.rerun_settings(one, "threads")
+  assert changed.threads == 2 and vars(changed) == dict(vars(one), threads=2)
+  assert parity.rerun_settings(args, "float64").float64
+  with pytest.raises(ValueError, match="float64 already"):
+    parity.rerun_settings(parity.parser().parse_args(["--float64"]), "float64")
+
+  # jdeq parts from the reference at step 2; the reference parts from itself at step 1.
+  rng = np.random.default_rng(0)
+  steps = 4
+  reference = dict(loss=np.full(steps, 2.0), logits=rng.normal(size=(steps, 2, 10)),
+                   grads=rng.normal(size=(steps, 7)), params=rng.normal(size=(steps, 7)),
+                   **{f"grad_{p}": np.ones(steps) for p in parity.PARTS},
+                   **{k: np.ones(steps) for k in ("fwd_residual", "fwd_nfe",
+                                                   "bwd_residual", "bwd_nfe")})
+  ours = dict(reference, loss=reference["loss"] * (1 + np.array([0, 0, 2e-3, 2e-3])))
+  rerun = dict(reference, loss=reference["loss"] * (1 + np.array([0, 5e-4, 5e-4, 0])))
+  rows = parity.with_spread(parity.compare(reference, ours, unrolled_steps=2),
+                            parity.compare(reference, rerun, unrolled_steps=2))
+  assert [r["loss_rel_diff_self"] for r in rows] == pytest.approx([0, 5e-4, 5e-4, 0])
+  found = parity.summary(rows)
+  assert found["unrolled"]["first_step_beyond"] is None
+  assert found["unrolled"]["reference_self"]["first_step_beyond"] == 1
+  assert found["equilibrium"]["first_step_beyond"] == 2
+  assert found["equilibrium"]["reference_self"]["first_step_beyond"] is None
+  assert found["unrolled"]["reference_self"]["max_loss_rel_diff"] == pytest.approx(5e-4)
+  assert "d_loss_self" in parity.report(rows)
+  parity.plot(rows, str(tmp_path / "spread.png"))
+  with pytest.raises(ValueError, match="4 steps of jdeq against 3"):
+    parity.with_spread(rows, rows[:3])
+
+
 @pytest.mark.parametrize("scope", ["batch", "sample"])
 def test_stop_scope_reaches_every_solver(scope):
   """The harness's jdeq solvers decide as the reference's (batch) unless told not to."""

@@ -3,7 +3,8 @@
     python -m experiments.reference_parity.main --reference-dir path/to/deq \\
         --torch-python path/to/python-with-torch --data-dir TFDS_DIR --out DIR \\
         [--unrolled-steps 20] [--equilibrium-steps 10] [--batch-size 16] \\
-        [--tol 1e-3] [--stop-scope batch|sample] [--float64]
+        [--tol 1e-3] [--stop-scope batch|sample] [--float64] \\
+        [--self-check threads|float64|none]
 
 The reference (a locuslab/deq checkout; commit 1fb7059 was used) builds MDEQ-Tiny
 from its yaml with its own initialization; its initial weights are transplanted
@@ -103,6 +104,36 @@ def run_reference(args, batches_path: str, out_path: str) -> None:
   if args.threads:
     command += ["--threads", str(args.threads)]
   subprocess.run(command, check=True)
+
+
+SELF_CHECKS = ("threads", "float64", "none")
+#: The per-step differences that the reference's second run is compared by.
+SPREAD_KEYS = ("loss_rel_diff", "logits_rel_diff", "grads_rel_diff", "params_rel_diff")
+
+
+def rerun_settings(args: argparse.Namespace, check: str) -> argparse.Namespace:
+  """The reference's settings for its second run: ``args`` changed only as ``check``
+  says (``"threads"``: one thread, two if ``args`` asks for one; ``"float64"``)."""
+  if check == "threads":
+    threads = 2 if args.threads == 1 else 1
+    return argparse.Namespace(**{**vars(args), "threads": threads})
+  if check == "float64":
+    if args.float64:
+      raise ValueError("--self-check float64 compares a float32 run with a float64 "
+                       "one; this run is float64 already (use --self-check threads)")
+    return argparse.Namespace(**{**vars(args), "float64": True})
+  raise ValueError(f"--self-check {check!r}: expected one of {SELF_CHECKS}")
+
+
+def with_spread(rows: Sequence[Mapping[str, Any]], spread: Sequence[Mapping[str, Any]]
+                ) -> list[dict[str, Any]]:
+  """``rows`` with the reference-against-itself differences of ``spread`` (rows of
+  :func:`compare` between the reference's two runs) as ``*_self`` columns."""
+  if len(rows) != len(spread):
+    raise ValueError(f"{len(rows)} steps of jdeq against {len(spread)} of the "
+                     f"reference's second run")
+  return [dict(row, **{f"{key}_self": other[key] for key in SPREAD_KEYS})
+          for row, other in zip(rows, spread)]
 
 
 def _part(path: tuple) -> str:
@@ -242,11 +273,12 @@ def compare(reference: Mapping[str, np.ndarray], ours: Mapping[str, list],
   return rows
 
 
-def first_parting(rows: Sequence[Mapping[str, Any]], mode: str, tol: float
-                  ) -> Optional[int]:
-  """The first step of ``mode`` whose loss differs by more than ``tol`` (relative)."""
+def first_parting(rows: Sequence[Mapping[str, Any]], mode: str, tol: float,
+                  key: str = "loss_rel_diff") -> Optional[int]:
+  """The first step of ``mode`` whose loss differs by more than ``tol`` (relative);
+  ``key`` ``"loss_rel_diff_self"`` asks it of the reference against itself."""
   return next((row["step"] for row in rows
-               if row["mode"] == mode and row["loss_rel_diff"] > tol), None)
+               if row["mode"] == mode and row[key] > tol), None)
 
 
 def summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -261,6 +293,10 @@ def summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                      max_logits_rel_diff=max(r["logits_rel_diff"] for r in chosen),
                      max_params_rel_diff=max(r["params_rel_diff"] for r in chosen),
                      loss_tolerance=tol, first_step_beyond=first_parting(rows, mode, tol))
+    if "loss_rel_diff_self" in chosen[0]:
+      out[mode]["reference_self"] = dict(
+          **{f"max_{key}": max(r[f"{key}_self"] for r in chosen) for key in SPREAD_KEYS},
+          first_step_beyond=first_parting(rows, mode, tol, "loss_rel_diff_self"))
   return out
 
 
@@ -275,7 +311,10 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str) -> None:
   left.set(xlabel="step", ylabel="training loss", title="MDEQ-Tiny, same batches")
   for key, label in (("loss_rel_diff", "loss"), ("logits_rel_diff", "logits"),
                      ("params_rel_diff", "parameters")):
-    right.semilogy(steps, [max(r[key], 1e-12) for r in rows], label=label)
+    line, = right.semilogy(steps, [max(r[key], 1e-12) for r in rows], label=label)
+    if f"{key}_self" in rows[0]:
+      right.semilogy(steps, [max(r[f"{key}_self"], 1e-12) for r in rows], ":",
+                     color=line.get_color(), label=f"{label}, reference vs itself")
   right.set(xlabel="step", ylabel="relative difference", title="jdeq vs reference")
   switch = next((r["step"] for r in rows if r["mode"] == "equilibrium"), None)
   for axis in (left, right):
@@ -288,7 +327,9 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str) -> None:
 
 
 def report(rows: Sequence[Mapping[str, Any]]) -> str:
+  spread = "d_loss_self" if "loss_rel_diff_self" in rows[0] else ""
   lines = ["step mode        loss(ref)   loss(jdeq)  d_loss   d_logits d_params "
+           f"{spread + ' ' if spread else ''}"
            "|g| stem/cell/head ref -> jdeq          fwd res ref/jdeq  NFE"]
   for r in rows:
     grads = " ".join(f"{r[f'grad_{p}_reference']:.3g}/{r[f'grad_{p}_jdeq']:.3g}"
@@ -298,7 +339,9 @@ def report(rows: Sequence[Mapping[str, Any]]) -> str:
               if "fwd_residual_jdeq" in r else "")
     lines.append(f"{r['step']:4d} {r['mode']:<11} {r['loss_reference']:.6f}  "
                  f"{r['loss_jdeq']:.6f}  {r['loss_rel_diff']:.1e}  "
-                 f"{r['logits_rel_diff']:.1e}  {r['params_rel_diff']:.1e}  {grads}  "
+                 f"{r['logits_rel_diff']:.1e}  {r['params_rel_diff']:.1e}  "
+                 + (f"{r['loss_rel_diff_self']:.1e}     " if spread else "")
+                 + f"{grads}  "
                  f"{solver}")
   return "\n".join(lines)
 
@@ -324,7 +367,16 @@ def parser() -> argparse.ArgumentParser:
   result.add_argument("--float64", action="store_true",
                       help="both sides in float64 (float32 round-off grows through "
                            "the map's unstable iterations; float64 shows the maths)")
+  result.add_argument("--self-check", choices=SELF_CHECKS, default="threads",
+                      help="run the reference again with another thread count "
+                           "(threads) or in float64, and report how far it parts from "
+                           "itself beside how far jdeq parts from it")
   return result
+
+
+def _load(path: str) -> dict[str, np.ndarray]:
+  with np.load(path) as stored:
+    return {key: stored[key] for key in stored.files}
 
 
 def main(argv: Optional[Sequence[str]] = None,
@@ -344,16 +396,22 @@ def main(argv: Optional[Sequence[str]] = None,
     np.savez(batches_path, **batches)
     reference_path = os.path.join(scratch, "reference.npz")
     reference_runner(args, batches_path, reference_path)
-    with np.load(reference_path) as stored:
-      reference = {key: stored[key] for key in stored.files}
+    reference = _load(reference_path)
+    if args.self_check != "none":
+      rerun_path = os.path.join(scratch, "reference_rerun.npz")
+      reference_runner(rerun_settings(args, args.self_check), batches_path, rerun_path)
+      rerun = _load(rerun_path)
   ours = run_jdeq(reference, batches, args.unrolled_steps, args.tol,
                   float64=args.float64, stop_scope=args.stop_scope)
   rows = compare(reference, ours, args.unrolled_steps)
+  if args.self_check != "none":
+    rows = with_spread(rows, compare(reference, rerun, args.unrolled_steps))
   result = dict(settings=dict(model=MODEL, batch_size=args.batch_size,
                               unrolled_steps=args.unrolled_steps,
                               equilibrium_steps=args.equilibrium_steps, tol=args.tol,
                               lr=1e-3, total_steps=TOTAL_STEPS, dropout=0.0,
-                              float64=args.float64, stop_scope=args.stop_scope),
+                              float64=args.float64, stop_scope=args.stop_scope,
+                              self_check=args.self_check),
                 summary=summary(rows), steps=rows)
   with open(os.path.join(args.out, "parity.json"), "w") as handle:
     json.dump(result, handle, indent=1)

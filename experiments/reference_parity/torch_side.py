@@ -123,8 +123,10 @@ def parity(args) -> None:
       "MODEL.DROPOUT", "0.0", "TRAIN.PRETRAIN_STEPS", str(args.pretrain_steps),
       "TRAIN.WD", "0.0", "TRAIN.LR", str(args.lr)])
   dtype = torch.float64 if args.float64 else torch.float32
+  # Initialized in float32 whatever the precision, so that a float64 run starts
+  # from the float32 run's weights (drawn in float64, they would differ).
+  model = build(mdeq, config, args.seed, args.eps).to(dtype)
   torch.set_default_dtype(dtype)  # the reference's solvers allocate in the default
-  model = build(mdeq, config, args.seed, args.eps)
   batches = np.load(args.batches)
   images = torch.from_numpy(np.ascontiguousarray(
       batches["images"].transpose(0, 1, 4, 2, 3))).to(dtype)
