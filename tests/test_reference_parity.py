@@ -147,6 +147,10 @@ def test_reference_self_check_sets_and_reports_the_reference_spread(tmp_path):
   assert parity.rerun_settings(args, "float64").float64
   with pytest.raises(ValueError, match="float64 already"):
     parity.rerun_settings(parity.parser().parse_args(["--float64"]), "float64")
+  # The harness refuses that combination before it runs either side.
+  never = lambda *unused: pytest.fail("the reference ran")
+  assert parity.main(["--out", str(tmp_path), "--float64", "--self-check", "float64"],
+                     reference_runner=never) == 2
 
   # jdeq parts from the reference at step 2; the reference parts from itself at step 1.
   rng = np.random.default_rng(0)

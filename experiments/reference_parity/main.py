@@ -327,10 +327,10 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str) -> None:
 
 
 def report(rows: Sequence[Mapping[str, Any]]) -> str:
-  spread = "d_loss_self" if "loss_rel_diff_self" in rows[0] else ""
+  spread = "loss_rel_diff_self" in rows[0]
   lines = ["step mode        loss(ref)   loss(jdeq)  d_loss   d_logits d_params "
-           f"{spread + ' ' if spread else ''}"
-           "|g| stem/cell/head ref -> jdeq          fwd res ref/jdeq  NFE"]
+           + ("d_loss_self " if spread else "")
+           + "|g| stem/cell/head ref -> jdeq          fwd res ref/jdeq  NFE"]
   for r in rows:
     grads = " ".join(f"{r[f'grad_{p}_reference']:.3g}/{r[f'grad_{p}_jdeq']:.3g}"
                      for p in PARTS)
@@ -385,6 +385,12 @@ def main(argv: Optional[Sequence[str]] = None,
   if reference_runner is run_reference and not (args.reference_dir and args.torch_python):
     print(f"error: {MISSING}", file=sys.stderr)
     return 2
+  try:  # settled before anything runs, so that a bad combination fails at once
+    rerun_args = (None if args.self_check == "none"
+                  else rerun_settings(args, args.self_check))
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   if args.float64 and not jax.config.jax_enable_x64:
     raise SystemExit("--float64 needs jax_enable_x64 from the start: run this module "
                      "as a script with --float64 (or JAX_ENABLE_X64=1)")
@@ -397,15 +403,15 @@ def main(argv: Optional[Sequence[str]] = None,
     reference_path = os.path.join(scratch, "reference.npz")
     reference_runner(args, batches_path, reference_path)
     reference = _load(reference_path)
-    if args.self_check != "none":
+    if rerun_args is not None:
       rerun_path = os.path.join(scratch, "reference_rerun.npz")
-      reference_runner(rerun_settings(args, args.self_check), batches_path, rerun_path)
-      rerun = _load(rerun_path)
+      reference_runner(rerun_args, batches_path, rerun_path)
+      rows_self = compare(reference, _load(rerun_path), args.unrolled_steps)
   ours = run_jdeq(reference, batches, args.unrolled_steps, args.tol,
                   float64=args.float64, stop_scope=args.stop_scope)
   rows = compare(reference, ours, args.unrolled_steps)
-  if args.self_check != "none":
-    rows = with_spread(rows, compare(reference, rerun, args.unrolled_steps))
+  if rerun_args is not None:
+    rows = with_spread(rows, rows_self)
   result = dict(settings=dict(model=MODEL, batch_size=args.batch_size,
                               unrolled_steps=args.unrolled_steps,
                               equilibrium_steps=args.equilibrium_steps, tol=args.tol,
