@@ -28,6 +28,13 @@ def _lax(x, w, strides, padding):
     ((2, 8, 7, 3), (1, 1, 3, 4), (2, 2), "SAME"),
     ((2, 10, 9, 3), (3, 3, 3, 4), (3, 3), "VALID"),
     ((2, 7, 8, 3), (2, 3, 3, 4), (2, 3), ((0, 3), (2, 1))),
+    # narrow outputs (input ≥ 4× output channels) run as a matrix product and a
+    # shifted sum on XLA:CPU; so do the input adjoints of wide ones
+    ((2, 9, 8, 12), (3, 3, 12, 3), (1, 1), "SAME"),
+    ((2, 9, 8, 12), (3, 2, 12, 3), (1, 1), "VALID"),
+    ((2, 6, 7, 8), (3, 3, 8, 2), (1, 1), ((2, 0), (1, 3))),
+    ((2, 8, 8, 3), (3, 3, 3, 12), (1, 1), "SAME"),
+    ((2, 9, 8, 2), (3, 3, 2, 8), (2, 2), "SAME"),
 ])
 def test_matches_lax_convolution(x64, x_shape, w_shape, strides, padding):
   kx, kw, kt = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -95,6 +102,32 @@ def test_both_strided_input_adjoints_match_lax(x64, monkeypatch, by_phase, x_sha
   (accelerators) are both lax's derivative."""
   monkeypatch.setattr(conv_module, "_strided_adjoint_by_phase", lambda: by_phase)
   _assert_derivatives_match_lax(0, x_shape, w_shape, strides, padding, seed=1)
+
+
+def _convolutions(fn, *args) -> int:
+  return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated")
+
+
+def test_narrow_outputs_take_the_matrix_product_on_cpu_only(x64):
+  """The shifted-matmul form replaces the convolution of a narrow output on XLA:CPU
+  (forward and input adjoint); accelerators keep lax's convolution."""
+  x, w = jnp.ones((2, 6, 6, 12)), jnp.ones((3, 3, 12, 3))
+  forward = lambda x, w: conv2d(x, w)
+  input_adjoint = lambda x, w: jax.grad(lambda w, x: jnp.sum(conv2d(x, w)), 1)(w, x)
+  wide = jnp.ones((3, 3, 3, 12))
+  x_wide = jnp.ones((2, 6, 6, 3))
+  try:
+    conv_module.set_derivative_platform("cpu")
+    assert _convolutions(forward, x, w) == 0
+    assert _convolutions(forward, x_wide, wide) == 1  # a wide output keeps lax's
+    assert _convolutions(input_adjoint, x_wide, wide) == 1  # that forward alone
+    conv_module.set_derivative_platform("gpu")
+    jax.clear_caches()  # the forms are chosen at trace time
+    assert _convolutions(forward, x, w) == 1
+    assert _convolutions(input_adjoint, x_wide, wide) == 2
+  finally:
+    conv_module.set_derivative_platform(None)
+    jax.clear_caches()
 
 
 def test_an_unknown_weight_gradient_form_is_named():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jdeq
+from jdeq._src.solvers import broyden as broyden_module
 from tests import helpers
 
 SOLVERS = [
@@ -255,3 +256,57 @@ def test_batch_scope_returns_the_lowest_batch_residual_step(x64, solver):
   best = int(np.argmin(trace)) + 1
   z_best, _ = _solve(batch_solver, f, params, x, budget=best)
   np.testing.assert_allclose(z, z_best, rtol=1e-12, atol=1e-12)
+
+
+
+def _dense_good_broyden(residual, z0, iterations, memory):
+  """Good Broyden with an explicit (D, D) inverse-Jacobian estimate, for one sample:
+  the oracle of the low-rank, block-stored solver. Returns its iterates."""
+  z, h = z0, -np.eye(z0.size)
+  g = residual(z)
+  iterates, pairs, previous = [z], 0, None
+  for _ in range(iterations - 1):
+    if previous is not None:
+      s, y = z - previous[0], g - previous[1]
+      hy = h @ y
+      denominator = s @ hy
+      size = np.linalg.norm(s) * np.linalg.norm(hy)
+      update = np.zeros_like(h)
+      if size > 0 and abs(denominator) > 1e-6 * size:
+        update = np.outer(s - hy, s @ h) / denominator
+      pairs += 1
+      # A full memory restarts the estimate from −I before the new pair goes in.
+      restart = pairs > 1 and (pairs - 1) % memory == 0
+      h = (-np.eye(z.size) if restart else h) + update
+    previous = (z, g)
+    z = z - h @ g
+    g = residual(z)
+    iterates.append(z)
+  return np.asarray(iterates)
+
+
+@pytest.mark.parametrize("blocked", [True, False], ids=["blocks", "one_buffer"])
+@pytest.mark.parametrize("memory", [1, 4, 6, 9, 30])
+def test_broyden_matches_a_dense_inverse_jacobian_oracle(x64, monkeypatch, memory,
+                                                         blocked):
+  """Large pair buffers are stored in blocks of slots, and the products read only the
+  live ones: every budget must still return the dense good-Broyden iterate of lowest
+  residual, across restarts (memory < budget) and block boundaries."""
+  if blocked:  # this problem's buffers are small: store them in blocks all the same
+    monkeypatch.setattr(broyden_module, "_BLOCKED_BUFFER_BYTES", 0)
+  dim, iterations, batch = 12, 14, 3
+  w = np.asarray(1.3 * jax.random.normal(jax.random.PRNGKey(3), (dim, dim))) / np.sqrt(dim)
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (batch, dim)))
+  f = lambda z, params, x: jnp.tanh(z @ w.T + x)
+  solver = jdeq.Broyden(max_iter=iterations, tol=1e-30, memory=memory)
+  solve = jax.jit(lambda x, budget: jdeq.fixed_point(f, jnp.zeros_like(x), None, x,
+                                                     solver=solver, budget=budget))
+  for i in range(batch):
+    image = lambda z: np.tanh(w @ z + x[i])
+    iterates = _dense_good_broyden(lambda z: image(z) - z, np.zeros(dim), iterations,
+                                   memory)
+    relative = [np.linalg.norm(image(z) - z) / np.linalg.norm(image(z)) for z in iterates]
+    for budget in (2, 5, 9, iterations):
+      z, _ = solve(jnp.asarray(x), jnp.asarray(budget))
+      best = int(np.argmin(relative[:budget]))
+      np.testing.assert_allclose(z[i], iterates[best], rtol=1e-9, atol=1e-12)
